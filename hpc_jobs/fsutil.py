@@ -1,0 +1,65 @@
+"""Small file-system helpers: atomic writes and a lock. Nothing already written is ever half-written."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def atomic_write_bytes(path: os.PathLike, data: bytes, mode: int = 0o600) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: os.PathLike, text: str, mode: int = 0o600) -> None:
+    atomic_write_bytes(path, text.encode(), mode)
+
+
+def atomic_write_json(path: os.PathLike, data: Any, mode: int = 0o600) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", mode)
+
+
+def read_json(path: os.PathLike, default: Any = None) -> Any:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        return default
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: os.PathLike, holder: str) -> Iterator[None]:
+    """Non-blocking exclusive flock on ``path``; raises BlockingIOError with the holder's note."""
+    import fcntl
+
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with open(path) as fh:
+                raise BlockingIOError(fh.read().strip() or "another process") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, holder.encode())
+        os.fsync(fd)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock

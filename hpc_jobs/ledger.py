@@ -1,0 +1,208 @@
+"""The run ledger: one directory per launch that records what ran, with which code, where.
+
+``<runs root>/<workflow>/<run id>/``::
+
+    run.json        stages, job ids, dependencies, scripts, states (rewritten atomically)
+    config.yaml     the resolved workflow config         profile.yaml  the cluster profile
+    command.txt     the command line                      git.diff      uncommitted changes at launch
+    code/           snapshot of the code the jobs import (editing the checkout changes nothing queued)
+    stages/<name>/  job.sbatch, logs (slurm/), state markers, outputs
+
+Run directories are private (0700): they hold pickles that jobs execute.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import getpass
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+from . import __version__
+from .errors import RunLockedError, UserError
+from .fsutil import atomic_write_json, atomic_write_text, exclusive_lock, read_json
+from .profiles import REPO_ROOT, hpc_jobs_home
+
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+CODE_PACKAGES = ("hpc_jobs", "launchers", "models", "data")
+CODE_SUFFIXES = {".py", ".j2", ".yaml", ".yml", ".json", ".txt"}
+
+
+def new_run_id(name: Optional[str] = None) -> str:
+    if name is not None:
+        if not RUN_NAME_RE.match(name) or ".." in name:
+            raise UserError(
+                f"run name '{name}' is invalid: use letters, digits, '.', '_' and '-' "
+                f"(no spaces, slashes or shell characters), at most 80, starting with a letter or digit"
+            )
+        return name
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{os.urandom(2).hex()}"
+
+
+def _git(*args: str) -> Optional[str]:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def _index_file() -> Path:
+    return hpc_jobs_home() / "recent-runs.txt"
+
+
+class Run:
+    """A run directory and its ``run.json``."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = Path(run_dir)
+        self.record: Dict[str, Any] = read_json(self.dir / "run.json", default={}) or {}
+
+    # -- identity -------------------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return self.record.get("run") or self.dir.name
+
+    @property
+    def workflow(self) -> str:
+        return self.record.get("workflow", self.dir.parent.name)
+
+    @property
+    def code_dir(self) -> Path:
+        return self.dir / "code"
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.dir / "stages" / stage
+
+    def stage(self, name: str) -> Dict[str, Any]:
+        try:
+            return self.record["stages"][name]
+        except KeyError:
+            known = ", ".join(self.record.get("stages", {}))
+            raise UserError(f"run {self.id} has no stage '{name}' (stages: {known})") from None
+
+    # -- creation -------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, runs_root: Path, workflow: str, run_id: str) -> "Run":
+        run_dir = Path(runs_root) / workflow / run_id
+        if run_dir.exists():
+            raise UserError(f"run directory {run_dir} exists already: choose another --run-name, or resume it")
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(run_dir, 0o700)
+        os.chmod(run_dir, 0o700)  # umask-proof
+        run = cls(run_dir)
+        run.record = {"run": run_id, "workflow": workflow}
+        return run
+
+    def write_provenance(self, argv: List[str], config_text: str, profile_text: str) -> None:
+        atomic_write_text(self.dir / "command.txt", " ".join(argv) + "\n")
+        atomic_write_text(self.dir / "config.yaml", config_text)
+        atomic_write_text(self.dir / "profile.yaml", profile_text)
+        sha = (_git("rev-parse", "HEAD") or "").strip() or None
+        diff = _git("diff", "HEAD") if sha else None
+        if diff:
+            atomic_write_text(self.dir / "git.diff", diff)
+        self.record.update(
+            {
+                "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "user": getpass.getuser(),
+                "host": socket.gethostname(),
+                "command": argv,
+                "hpc_jobs_version": __version__,
+                "python": sys.executable,
+                "git": {"sha": sha, "dirty": bool(diff)},
+            }
+        )
+
+    def snapshot_code(self) -> None:
+        """Copy the importable code (not data, not caches) into ``code/``."""
+        def ignore(directory: str, names: List[str]) -> List[str]:
+            return [
+                n
+                for n in names
+                if n == "__pycache__"
+                or n.startswith(".")
+                or (os.path.isfile(os.path.join(directory, n)) and Path(n).suffix not in CODE_SUFFIXES)
+            ]
+
+        for package in CODE_PACKAGES:
+            src = REPO_ROOT / package
+            if src.is_dir():
+                shutil.copytree(src, self.code_dir / package, ignore=ignore)
+        shutil.copytree(REPO_ROOT / "templates", self.code_dir / "templates", ignore=ignore)
+
+    def remember(self) -> None:
+        """Append to the per-user index so ``status`` finds the run from any shell."""
+        index = _index_file()
+        index.parent.mkdir(parents=True, exist_ok=True)
+        with open(index, "a") as fh:
+            fh.write(f"{self.dir}\n")
+
+    # -- persistence ----------------------------------------------------------------------------
+    def save(self) -> None:
+        atomic_write_json(self.dir / "run.json", self.record)
+
+    def reload(self) -> "Run":
+        self.record = read_json(self.dir / "run.json", default={}) or {}
+        return self
+
+    def lock(self, action: str):
+        """One launch/resume/cancel at a time per run; the second says who holds it."""
+        holder = f"{action} by {getpass.getuser()}@{socket.gethostname()} pid {os.getpid()} since {_dt.datetime.now():%H:%M:%S}"
+        cm = exclusive_lock(self.dir / ".lock", holder)
+
+        class _Lock:
+            def __enter__(self_inner):
+                try:
+                    cm.__enter__()
+                except BlockingIOError as exc:
+                    raise RunLockedError(f"run {self.id} is locked ({exc}): wait for it to finish") from None
+
+            def __exit__(self_inner, *exc):
+                return cm.__exit__(*exc)
+
+        return _Lock()
+
+
+def recent_runs(limit: int = 10) -> List[Run]:
+    seen: List[Path] = []
+    try:
+        lines = _index_file().read_text().splitlines()
+    except FileNotFoundError:
+        lines = []
+    for line in reversed(lines):
+        path = Path(line.strip())
+        if path not in seen and (path / "run.json").exists():
+            seen.append(path)
+        if len(seen) >= limit:
+            break
+    return [Run(p) for p in seen]
+
+
+def find_run(ref: str) -> Run:
+    """A run by directory path, by run id, or ``last``."""
+    candidate = Path(ref).expanduser()
+    if (candidate / "run.json").exists():
+        return Run(candidate)
+    runs = recent_runs(limit=1000)
+    if ref in ("last", "latest") and runs:
+        return runs[0]
+    for run in runs:
+        if run.id == ref or run.dir.name == ref:
+            return run
+    hint = f" Recent runs: {', '.join(r.id for r in runs[:5])}" if runs else " No runs recorded yet."
+    raise UserError(f"no run '{ref}' found (give a run id, a run directory or 'last').{hint}")
+
+
+def iter_stage_records(run: Run) -> Iterator[Dict[str, Any]]:
+    for name in run.record.get("order", list(run.record.get("stages", {}))):
+        yield run.record["stages"][name]

@@ -1,0 +1,249 @@
+"""Inside a job: resolve the stage's inputs, run its entry point, leave state markers.
+
+The same :class:`StageRunner` object runs a stage everywhere: submitit unpickles it in each Slurm
+task; the local backend and launch-time stages run ``python -m hpc_jobs.runtime RUN_DIR STAGE``,
+which loads the pickle written at launch. Inputs are checked in the first seconds (a missing or
+incomplete checkpoint fails the job before any data is loaded). Rank 0 writes
+``stages/<name>/state[.<task>].json``: the stage's own record of how it ended, read by ``status``
+when the scheduler has forgotten the job (no accounting, or after MinJobAge).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import logging
+import os
+import pickle
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from .errors import StageInputError
+from .fsutil import atomic_write_bytes, atomic_write_json, read_json
+from .spec import Input
+
+log = logging.getLogger("hpc_jobs")
+
+RUNNER_FILE = "runner.pkl"
+
+
+def marker_path(stage_dir: Path, task: Optional[int]) -> Path:
+    return stage_dir / ("state.json" if task is None else f"state.{task}.json")
+
+
+def read_marker(stage_dir: Path, task: Optional[int] = None) -> Optional[Dict[str, Any]]:
+    return read_json(marker_path(stage_dir, task))
+
+
+def _now() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+@dataclass
+class StageContext:
+    """What a stage's entry point receives."""
+
+    run_dir: Path
+    stage: str
+    out_dir: Path
+    config: Any
+    inputs: Dict[str, Union[Path, List[Path]]]
+    input_kinds: Dict[str, str]
+    task_index: Optional[int]
+    num_tasks: int
+    data_root: Path
+    env: Any = None  # hpc_jobs.environment.RunEnv
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def output(self, name: str, outputs: Optional[Dict[str, str]] = None) -> Path:
+        rel = (outputs or self.extra.get("outputs", {}))[name]
+        return self.out_dir / rel.format(task=self.task_index if self.task_index is not None else 0)
+
+    def heartbeat(self, **fields: Any) -> None:
+        """Progress for ``status``: step/total/loss/... (rank 0 only; cheap, atomic)."""
+        if self.env is not None and not getattr(self.env, "is_main", True):
+            return
+        atomic_write_json(self.out_dir / "heartbeat.json", {"time": time.time(), **fields})
+
+
+@dataclass
+class StageRunner:
+    """A picklable callable: one stage (or one task of an array stage) of one run."""
+
+    run_dir: str
+    stage: str
+    fn: Any
+    config: Any
+    inputs: Dict[str, Input]
+    outputs: Dict[str, str]
+    upstream_tasks: Dict[str, int]  # upstream stage -> number of tasks (for array inputs)
+    data_root: str
+    task_index: Optional[int] = None
+    num_tasks: int = 1
+
+    def for_task(self, task: Optional[int]) -> "StageRunner":
+        clone = StageRunner(**{**self.__dict__, "task_index": task})
+        return clone
+
+    # -- input resolution -----------------------------------------------------------------------
+    def resolve_inputs(self) -> Dict[str, Union[Path, List[Path]]]:
+        """Upstream output paths; verify checkpoints now, so a bad handoff fails in seconds."""
+        resolved: Dict[str, Union[Path, List[Path]]] = {}
+        for name, inp in self.inputs.items():
+            up_dir = Path(self.run_dir) / "stages" / inp.stage
+            rel = self._upstream_output(inp)
+            n_up = self.upstream_tasks.get(inp.stage, 1)
+            if "{task}" in rel:
+                tasks = [self.task_index] if inp.per_task else list(range(n_up))
+                paths = [up_dir / rel.format(task=t) for t in tasks]
+            else:
+                paths = [up_dir / rel]
+            for path in paths:
+                self._check(name, inp, path)
+            resolved[name] = paths[0] if len(paths) == 1 and ("{task}" not in rel or inp.per_task) else paths
+        return resolved
+
+    def _upstream_output(self, inp: Input) -> str:
+        record = read_json(Path(self.run_dir) / "run.json", default={}) or {}
+        try:
+            return record["stages"][inp.stage]["outputs"][inp.output]
+        except KeyError:
+            raise StageInputError(
+                f"stage '{self.stage}': run.json has no output '{inp.output}' of stage '{inp.stage}'"
+            ) from None
+
+    def _check(self, name: str, inp: Input, path: Path) -> None:
+        if inp.kind in ("init", "resume"):
+            from .checkpoint import CheckpointError, verify_checkpoint
+
+            try:
+                verify_checkpoint(str(path))
+            except CheckpointError as exc:
+                raise StageInputError(
+                    f"stage '{self.stage}' cannot start: its {inp.kind} input '{name}' from stage "
+                    f"'{inp.stage}' is not a complete checkpoint ({exc}). Rerun '{inp.stage}' "
+                    f"(python launch.py resume RUN) before this stage."
+                ) from None
+        elif not path.exists():
+            raise StageInputError(
+                f"stage '{self.stage}' cannot start: input '{name}' ({path}) from stage '{inp.stage}' "
+                f"does not exist. Did '{inp.stage}' complete? (python launch.py status {Path(self.run_dir).name})"
+            )
+
+    # -- running --------------------------------------------------------------------------------
+    def __call__(self) -> Any:
+        from .environment import RunEnv
+
+        env = RunEnv.detect()
+        stage_dir = Path(self.run_dir) / "stages" / self.stage
+        marker = marker_path(stage_dir, self.task_index)
+        main = env.rank == 0
+        started = time.time()
+        base = {
+            "stage": self.stage,
+            "task": self.task_index,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "job_id": os.environ.get("SLURM_JOB_ID"),
+            "attempt": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
+            "started": _now(),
+        }
+        if main:
+            atomic_write_json(marker, {**base, "state": "RUNNING"})
+        try:
+            ctx = StageContext(
+                run_dir=Path(self.run_dir),
+                stage=self.stage,
+                out_dir=stage_dir,
+                config=self.config,
+                inputs=self.resolve_inputs(),
+                input_kinds={k: v.kind for k, v in self.inputs.items()},
+                task_index=self.task_index,
+                num_tasks=self.num_tasks,
+                data_root=Path(self.data_root),
+                env=env,
+                extra={"outputs": self.outputs},
+            )
+            result = self.fn(ctx)
+        except BaseException as exc:
+            requeued = type(exc).__name__ == "Requeued"
+            if main:
+                atomic_write_json(
+                    marker,
+                    {
+                        **base,
+                        "state": "REQUEUED" if requeued else "FAILED",
+                        "ended": _now(),
+                        "elapsed_s": round(time.time() - started, 3),
+                        "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500],
+                        "traceback": traceback.format_exc()[-4000:],
+                    },
+                )
+            raise
+        if main:
+            atomic_write_json(
+                marker,
+                {
+                    **base,
+                    "state": "COMPLETED",
+                    "ended": _now(),
+                    "elapsed_s": round(time.time() - started, 3),
+                    "result": result if _jsonable(result) else repr(result),
+                },
+            )
+        return result
+
+    # submitit's Checkpointable protocol: on the requeue signal, run the same stage again. Stages
+    # are idempotent (finished work is skipped) and training resumes from its last checkpoint.
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def _jsonable(value: Any) -> bool:
+    import json
+
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def write_runner(stage_dir: Path, runner: StageRunner) -> Path:
+    path = stage_dir / RUNNER_FILE
+    atomic_write_bytes(path, pickle.dumps(runner))
+    return path
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m hpc_jobs.runtime RUN_DIR STAGE [--task I]``: run one stage task here."""
+    parser = argparse.ArgumentParser(prog="python -m hpc_jobs.runtime", description=main.__doc__)
+    parser.add_argument("run_dir")
+    parser.add_argument("stage")
+    parser.add_argument("--task", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with open(Path(args.run_dir) / "stages" / args.stage / RUNNER_FILE, "rb") as fh:
+        runner: StageRunner = pickle.load(fh)
+    try:
+        runner.for_task(args.task)()
+    except StageInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except Exception as exc:
+        if type(exc).__name__ == "Requeued":
+            return 75  # EX_TEMPFAIL: checkpointed, run me again
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Workflow plugins: a launcher object per workflow, registered by name.
+
+A workflow is one file in ``launchers/`` that subclasses :class:`Workflow`, decorates it with
+:func:`register`, declares its config dataclass and presets, and builds a pipeline. The core never
+imports a workflow by name: it discovers the modules of the ``launchers`` package. Workflow modules
+must not import torch at module level (launching must feel instant); stage functions import what
+they need inside their bodies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Type
+
+from . import config as cfgmod
+from .errors import UserError
+from .spec import Pipeline
+
+_REGISTRY: Dict[str, Type["Workflow"]] = {}
+LAUNCHER_PACKAGES = ("launchers",)
+
+
+@dataclass
+class LaunchOptions:
+    """The command-line resources a workflow sizes its stages with."""
+
+    gpus: int = 1
+    nodes: int = 1
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time: Optional[str] = None
+    gpu_type: Optional[str] = None
+    local: bool = False  # the local backend: size stages for this machine
+
+
+class Workflow:
+    """Base class of launcher objects. Subclasses set the class attributes and implement build()."""
+
+    name: str = ""
+    summary: str = ""
+    Config: Type[Any] = None  # a dataclass with defaults for every field
+    presets: Mapping[str, Mapping[str, Any]] = {}
+    default_preset: Optional[str] = None
+
+    def __init__(self, config: Any, options: LaunchOptions):
+        self.config = config
+        self.options = options
+
+    def build(self) -> Pipeline:  # pragma: no cover - abstract
+        raise NotImplementedError(f"workflow {self.name} must implement build()")
+
+    # -- config ---------------------------------------------------------------------------------
+    @classmethod
+    def make_config(
+        cls,
+        preset: Optional[str] = None,
+        config_file: Optional[str] = None,
+        overrides: Optional[Mapping[str, Any]] = None,
+    ) -> Any:
+        """Defaults <- preset <- YAML file <- ``--set``; each layer type-checked."""
+        cfg = cls.Config()
+        preset = preset or cls.default_preset
+        if preset:
+            if preset not in cls.presets:
+                raise UserError(
+                    f"preset '{preset}' is unknown for workflow '{cls.name}': use one of "
+                    f"{', '.join(sorted(cls.presets)) or '(none)'}"
+                )
+            cfg = cfgmod.apply(cfg, cfgmod.flatten_mapping(cls.presets[preset]), source=f"preset {preset}")
+        if config_file:
+            cfg = cfgmod.apply(cfg, cfgmod.load_yaml_file(config_file), source=f"--config {config_file}")
+        if overrides:
+            cfg = cfgmod.apply(cfg, overrides)
+        validate = getattr(cfg, "validate", None)
+        if callable(validate):
+            validate()
+        return cfg
+
+    @classmethod
+    def config_keys(cls) -> List[str]:
+        return sorted(cfgmod.leaf_types(cls.Config))
+
+
+def register(cls: Type[Workflow]) -> Type[Workflow]:
+    """Class decorator: make a workflow findable as ``python launch.py NAME``."""
+    if not cls.name:
+        raise TypeError(f"{cls.__qualname__} needs a name")
+    if cls.Config is None or not dataclasses.is_dataclass(cls.Config):
+        raise TypeError(f"workflow {cls.name}: Config must be a dataclass")
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing.__module__ != cls.__module__:
+        raise TypeError(f"workflow name '{cls.name}' is registered twice ({existing.__module__}, {cls.__module__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def discover() -> Dict[str, Type[Workflow]]:
+    """Import every module of the launcher packages once; return the registry."""
+    for package_name in LAUNCHER_PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in pkgutil.iter_modules(package.__path__):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{package_name}.{info.name}")
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get(name: str) -> Type[Workflow]:
+    workflows = discover()
+    if name not in workflows:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(workflows), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise UserError(
+            f"unknown workflow '{name}'.{hint} Available: {', '.join(workflows)} (python launch.py list)"
+        )
+    return workflows[name]
