@@ -259,7 +259,7 @@ def cmd_status(argv: List[str]) -> int:
         progress = ""
         if s.progress and s.progress.get("total_steps"):
             progress = f"{s.progress.get('step', 0)}/{s.progress['total_steps']}"
-        note = s.error or s.reason or _fmt_result(s.result) if (s.error or s.reason or s.result) else ""
+        note = s.error or (s.reason if s.reason not in ("None", "") else "") or (_fmt_result(s.result) if s.result else "")
         if s.tasks:
             note = " ".join(f"{k}:{v}" for k, v in s.tasks.items()) + (f"  {note}" if note else "")
         rows.append((s.name, s.state, ",".join(s.job_ids) or "-", s.elapsed or "-", s.exit_code or "-", progress, note[:100]))

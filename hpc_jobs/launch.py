@@ -66,9 +66,19 @@ def make_plan(req: LaunchRequest) -> Plan:
         raise UserError(f"--gpus {opts.gpus} / --nodes {opts.nodes}: GPUs must be 0 or more and nodes at least 1")
     config = wf_cls.make_config(req.preset, req.config_file, req.overrides)
     pipeline = wf_cls(config, opts).build()
+    apply_cli_resources(pipeline, opts)
     run_id = new_run_id(req.run_name)
     run_dir = profile.runs_root / wf_cls.name / run_id
     return Plan(wf_cls, config, profile, pipeline, run_id, run_dir, sys.executable, opts.account)
+
+
+def apply_cli_resources(pipeline: Pipeline, opts: wfmod.LaunchOptions) -> None:
+    """``--partition``/``--time``/``--gpu-type`` size the GPU stages (every batch stage when none uses GPUs)."""
+    batch = [s for s in pipeline if s.where == "batch"]
+    targets = [s for s in batch if s.resources.uses_gpus] or batch
+    for stage in targets:
+        stage.resources = stage.resources.replace(partition=opts.partition, time=opts.time, gpu_type=opts.gpu_type)
+        stage.resources.validate(f"stage '{stage.name}'")
 
 
 def chunks(n_tasks: int, max_array: int) -> List[range]:

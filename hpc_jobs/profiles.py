@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import getpass
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -88,7 +89,7 @@ class ClusterProfile:
         return Path(self.expand(self.paths.get("data", "{hpc_jobs_home}/data")))
 
     def python_command(self, launch_python: str) -> str:
-        return self.python.replace("{launch_python}", launch_python)
+        return self.python.replace("{launch_python}", shlex.quote(launch_python))
 
     def setup_lines(self, kind: str) -> List[str]:
         return list(self.setup.get("common", [])) + list(self.setup.get(kind, []))

@@ -149,7 +149,7 @@ class StageRunner:
             "task": self.task_index,
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "job_id": os.environ.get("SLURM_JOB_ID"),
+            "job_id": _slurm_job_id(),
             "attempt": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
             "started": _now(),
         }
@@ -204,6 +204,13 @@ class StageRunner:
         import submitit
 
         return submitit.helpers.DelayedSubmission(self)
+
+
+def _slurm_job_id() -> Optional[str]:
+    """``ARRAYJOB_TASK`` for an array task (how the ledger names it), else the job id."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
 
 
 def _jsonable(value: Any) -> bool:

@@ -60,7 +60,6 @@ class JobInfo:
     exit_code: str = ""
     node: str = ""
     reason: str = ""
-    restarts: int = 0
 
 
 def available() -> bool:
@@ -81,17 +80,17 @@ def version() -> Optional[str]:
 def _sacct(job_ids: List[str]) -> Optional[Dict[str, JobInfo]]:
     if not shutil.which("sacct"):
         return None
-    fields = "JobID,State,Elapsed,ExitCode,NodeList,Reason,Restarts"
+    fields = "JobID,State,Elapsed,ExitCode,NodeList,Reason"
     proc = _run(["sacct", "-X", "--parsable2", "--noheader", "-o", fields, "-j", ",".join(job_ids)])
     if proc.returncode != 0:
         return None  # accounting disabled or slurmdbd down: fall back to squeue
     out: Dict[str, JobInfo] = {}
     for line in proc.stdout.splitlines():
         parts = line.split("|")
-        if len(parts) < 7:
+        if len(parts) < 6:
             continue
-        jid, raw, elapsed, exit_code, node, reason, restarts = parts[:7]
-        info = JobInfo(jid, map_state(raw), raw, elapsed, exit_code, node, reason, int(restarts or 0))
+        jid, raw, elapsed, exit_code, node, reason = parts[:6]
+        info = JobInfo(jid, map_state(raw), raw, elapsed, exit_code, node, reason)
         for key in _expand_array_id(jid):
             out[key] = info if key == jid else JobInfo(key, info.state, raw, elapsed, exit_code, node, reason)
     return out
@@ -139,7 +138,10 @@ def query(job_ids: Iterable[str]) -> Dict[str, JobInfo]:
     base_ids = sorted({j.split("_")[0] for j in ids})
     result = _sacct(base_ids)
     if result is None:
-        result = _squeue(base_ids)
+        return _squeue(base_ids)
+    missing = [j for j in base_ids if j not in result and not any(k.startswith(j + "_") for k in result)]
+    if missing:  # sacct lags squeue by a second right after submission
+        result.update(_squeue(missing))
     return result
 
 

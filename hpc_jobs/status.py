@@ -95,7 +95,8 @@ def stage_states(run: Run) -> Dict[str, StageState]:
                 marker = _marker_state(stage_dir, task, tid)
                 if info is not None and info.state != "UNKNOWN":
                     state = info.state
-                    st.elapsed, st.node, st.reason = info.elapsed, info.node, info.reason
+                    st.elapsed, st.node = info.elapsed, info.node
+                    st.reason = info.reason if state == "PENDING" and info.reason not in ("None", "") else ""
                     st.exit_code = info.exit_code
                 elif marker and marker.get("state") in ("COMPLETED", "FAILED"):
                     state = marker["state"]

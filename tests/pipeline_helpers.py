@@ -1,0 +1,53 @@
+"""Helpers shared by the tests that launch whole pipelines through the real command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(home: Path, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python launch.py ARGS`` as a user would, with its own HPC_JOBS_HOME."""
+    env = dict(os.environ, HPC_JOBS_HOME=str(home), PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "launch.py", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launch.py {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def launch_json(home: Path, *args: str, **kw) -> Dict[str, Any]:
+    proc = cli(home, *args, "--json", **kw)
+    return json.loads(proc.stdout)
+
+
+def status_json(home: Path, run: str) -> Dict[str, Dict[str, Any]]:
+    data = json.loads(cli(home, "status", run, "--json").stdout)
+    return {s["name"]: s for s in data["stages"]}
+
+
+def wait_run(home: Path, run: str, timeout: float = 300, poll: float = 1.0) -> Dict[str, Dict[str, Any]]:
+    """Poll ``status --json`` until no stage is queued or running."""
+    deadline = time.monotonic() + timeout
+    states: Dict[str, Dict[str, Any]] = {}
+    while time.monotonic() < deadline:
+        states = status_json(home, run)
+        if all(s["state"] not in ("PENDING", "RUNNING", "REQUEUED", "PREEMPTED", "SUBMITTED", "PLANNED", "UNKNOWN") for s in states.values()):
+            return states
+        time.sleep(poll)
+    raise AssertionError(f"run {run} not finished after {timeout}s: {({k: v['state'] for k, v in states.items()})}")
+
+
+def states_of(states: Dict[str, Dict[str, Any]]) -> Dict[str, str]:
+    return {k: v["state"] for k, v in states.items()}
+
+
+def job_ids(launch: Dict[str, Any]) -> Dict[str, List[str]]:
+    return {s["name"]: s["job_ids"] for s in launch["stages"]}
