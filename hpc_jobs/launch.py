@@ -300,7 +300,7 @@ def write_scripts(jobs: Dict[str, List[rendermod.JobScript]]) -> Dict[str, List[
         texts[name] = []
         for job in chunk_jobs:
             text = rendermod.render(job)
-            atomic_write_text(job.script_path, text, mode=0o700)
+            atomic_write_text(job.script_path, text, mode=0o700, fsync=False)
             texts[name].append(text)
     return texts
 
@@ -400,7 +400,7 @@ def submit_batch_stages(run: Run, names: Sequence[str], echo: Echo) -> None:
                 directives += [("dependency", ",".join(d.render() for d in deps)), ("kill-on-invalid-dep", "yes")]
             job = rendermod.JobScript(**{**template, "directives": directives, "dependencies": deps})
             text = rendermod.render(job)
-            atomic_write_text(job.script_path, text, mode=0o700)
+            atomic_write_text(job.script_path, text, mode=0o700, fsync=False)  # rebuilt from run.json
             folder = rendermod.submitit_folder(run.stage_dir(name))
             res = entry["resources"]
             n_tasks = res["nodes"] * (res["tasks_per_node"] or max(1, res["gpus_per_node"]))
@@ -418,7 +418,8 @@ def submit_batch_stages(run: Run, names: Sequence[str], echo: Echo) -> None:
         entry["attempts"] = int(entry.get("attempts", 0)) + 1
         entry["state"] = "SUBMITTED"
         entry.setdefault("history", []).append({"submitted": time.time(), "job_ids": [j["job_id"] for j in jobs]})
-        run.save()
+        run.save(durable=False)  # the job ids are on disk before the next submission
+    run.save()
 
 
 def _time_s(text: str) -> int:
@@ -489,11 +490,12 @@ def launch(req: LaunchRequest, echo: Echo = print) -> LaunchResult:
     slurm_real = plan.profile.backend == "slurm" and not req.dry_run
     preflight(plan, jobs, test_only=slurm_real)
     run = record_run(plan, req, jobs)
-    scripts = write_scripts(jobs)
     if req.dry_run:
+        scripts = write_scripts(jobs)
         run.record["dry_run"] = True
         run.save()
         return LaunchResult(run, plan, scripts)
+    scripts = {}  # written by the submission, with the real dependencies
     run.remember()
     with run.lock("launch"):
         order = run.record["order"]

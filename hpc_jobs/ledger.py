@@ -104,13 +104,13 @@ class Run:
         return run
 
     def write_provenance(self, argv: List[str], config_text: str, profile_text: str) -> None:
-        atomic_write_text(self.dir / "command.txt", " ".join(argv) + "\n")
-        atomic_write_text(self.dir / "config.yaml", config_text)
-        atomic_write_text(self.dir / "profile.yaml", profile_text)
+        atomic_write_text(self.dir / "command.txt", " ".join(argv) + "\n", fsync=False)
+        atomic_write_text(self.dir / "config.yaml", config_text, fsync=False)
+        atomic_write_text(self.dir / "profile.yaml", profile_text, fsync=False)
         sha = (_git("rev-parse", "HEAD") or "").strip() or None
         diff = _git("diff", "HEAD") if sha else None
         if diff:
-            atomic_write_text(self.dir / "git.diff", diff)
+            atomic_write_text(self.dir / "git.diff", diff, fsync=False)
         self.record.update(
             {
                 "created": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -148,8 +148,9 @@ class Run:
             fh.write(f"{self.dir}\n")
 
     # -- persistence ----------------------------------------------------------------------------
-    def save(self) -> None:
-        atomic_write_json(self.dir / "run.json", self.record)
+    def save(self, durable: bool = True) -> None:
+        """Rewrite run.json atomically; ``durable=False`` skips the fsync (a later save makes it)."""
+        atomic_write_json(self.dir / "run.json", self.record, fsync=durable)
 
     def reload(self) -> "Run":
         self.record = read_json(self.dir / "run.json", default={}) or {}

@@ -225,7 +225,7 @@ def _jsonable(value: Any) -> bool:
 
 def write_runner(stage_dir: Path, runner: StageRunner) -> Path:
     path = stage_dir / RUNNER_FILE
-    atomic_write_bytes(path, pickle.dumps(runner))
+    atomic_write_bytes(path, pickle.dumps(runner), fsync=False)
     return path
 
 

@@ -1,0 +1,166 @@
+"""Launch-path benchmarks: dry-run wall time, and submitting a 7-stage chain to Slurm.
+
+Each figure is measured against its baseline in the same run, several repetitions, median and
+spread. Nothing here asserts a time. Run: ``python -m benchmarks.launch_bench [--reps N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List
+
+REPO = Path(__file__).resolve().parents[1]
+CHAIN = 7
+
+
+def timed(fn: Callable[[], None], reps: int) -> List[float]:
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def summary(samples: List[float]) -> Dict[str, float]:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
+
+
+def _python(*args: str, env=None) -> None:
+    subprocess.run([sys.executable, *args], cwd=REPO, check=True, capture_output=True, env=env)
+
+
+def bench_dry_run(reps: int, home: Path) -> Dict[str, Dict[str, float]]:
+    env = dict(os.environ, HPC_JOBS_HOME=str(home))
+    results = {
+        "python -c 'import submitit' (baseline)": summary(timed(lambda: _python("-c", "import submitit"), reps)),
+    }
+    for workflow in _workflows():
+        results[f"launch.py {workflow} --dry-run"] = summary(timed(
+            lambda w=workflow: _python("launch.py", w, "--cluster", "discovery", "--account", "bench",
+                                       "--dry-run", "--json", env=env), reps))
+    return results
+
+
+def _workflows() -> List[str]:
+    out = subprocess.run([sys.executable, "launch.py", "list"], cwd=REPO, capture_output=True, text=True, check=True)
+    return [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
+
+
+# -- the 7-stage chain on the dev cluster ----------------------------------------------------------
+# (the jobs are cancelled right after submission: only submission is timed)
+from hpc_jobs import Pipeline, Resources, Stage, Workflow, register  # noqa: E402
+
+
+def _noop(ctx):
+    return None
+
+
+@dataclass
+class ChainConfig:
+    stages: int = CHAIN
+
+
+@register
+class Chain(Workflow):
+    name = "bench_chain"
+    summary = "benchmark: a chain of no-op stages"
+    Config = ChainConfig
+
+    def build(self):
+        res = Resources(time="00:05:00", mem="100M")
+        stages = [Stage(f"s{i}", _noop, resources=res, after=[f"s{i - 1}"] if i else []) for i in range(self.config.stages)]
+        return Pipeline(self.name, stages)
+
+
+def bench_submit_chain(reps: int, home: Path) -> Dict[str, Dict[str, float]]:
+    import submitit
+
+    from hpc_jobs.launch import LaunchRequest, launch
+
+    ids: List[str] = []
+    os.environ["HPC_JOBS_HOME"] = str(home)
+
+    def hpc_jobs_chain():
+        result = launch(LaunchRequest(workflow="bench_chain", cluster="devcluster"), echo=lambda s: None)
+        ids.extend(result_ids(result))
+
+    def result_ids(result):
+        return [str(j["job_id"]) for name in result.run.record["order"] for j in result.run.stage(name)["jobs"]]
+
+    def clean():  # an empty queue before each repetition: queue length changes sbatch latency
+        if ids:
+            subprocess.run(["scancel", *ids], capture_output=True)
+            ids.clear()
+
+    def plain_submitit_chain():
+        folder = home / "submitit"
+        previous = None
+        ex = submitit.AutoExecutor(folder=folder, cluster="slurm")  # one executor, as a user writes it
+        for i in range(CHAIN):
+            params = {"dependency": f"afterok:{previous}"} if previous else {}
+            ex.update_parameters(timeout_min=5, slurm_partition="batch", slurm_additional_parameters=params)
+            job = ex.submit(_noop, None)
+            previous = job.job_id
+            ids.append(job.job_id)
+
+    def bare_sbatch_chain():
+        previous = None
+        for i in range(CHAIN):
+            args = ["sbatch", "--parsable", "--partition=batch", "--time=5", "--wrap=true"]
+            if previous:
+                args.append(f"--dependency=afterok:{previous}")
+            previous = subprocess.run(args, capture_output=True, text=True, check=True).stdout.strip()
+            ids.append(previous)
+
+    results: Dict[str, List[float]] = {
+        f"bare sbatch x{CHAIN} (baseline)": [],
+        f"plain submitit x{CHAIN}": [],
+        f"hpc-jobs launch, {CHAIN}-stage chain (preflight + ledger + submit)": [],
+    }
+    fns = [bare_sbatch_chain, plain_submitit_chain, hpc_jobs_chain]
+    for _ in range(reps):  # interleaved, so load on the machine hits every contender alike
+        for name, fn in zip(results, fns):
+            clean()
+            results[name] += timed(fn, 1)
+    clean()
+    return {name: summary(samples) for name, samples in results.items()}
+
+
+def table(title: str, results: Dict[str, Dict[str, float]], baseline: str) -> str:
+    base = results[baseline]["median"]
+    lines = [f"### {title}", "", "| what | median s | min | max | n | ratio to baseline |", "|---|---|---|---|---|---|"]
+    for name, s in results.items():
+        lines.append(f"| {name} | {s['median']:.3f} | {s['min']:.3f} | {s['max']:.3f} | {s['n']} | {s['median'] / base:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--no-slurm", action="store_true", help="skip the dev-cluster submission benchmark")
+    args = p.parse_args(argv)
+    home = Path(tempfile.mkdtemp(prefix="hpcjobs-bench-", dir="/tmp"))
+    try:
+        dry = bench_dry_run(args.reps, home)
+        print(table("launch: dry-run wall time", dry, "python -c 'import submitit' (baseline)"))
+        if not args.no_slurm and shutil.which("sbatch"):
+            sub = bench_submit_chain(args.reps, home)
+            print()
+            print(table(f"submit: a {CHAIN}-stage dependency chain to the dev cluster", sub, f"bare sbatch x{CHAIN} (baseline)"))
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
