@@ -62,7 +62,7 @@ class Workflow:
     ) -> Any:
         """Defaults <- preset <- YAML file <- ``--set``; each layer type-checked."""
         cfg = cls.Config()
-        preset = preset or cls.default_preset
+        preset = preset or cls.choose_preset(config_file, overrides or {})
         if preset:
             if preset not in cls.presets:
                 raise UserError(
@@ -78,6 +78,11 @@ class Workflow:
         if callable(validate):
             validate()
         return cfg
+
+    @classmethod
+    def choose_preset(cls, config_file: Optional[str], overrides: Mapping[str, Any]) -> Optional[str]:
+        """The preset used when none is given (a workflow may pick one from the overrides)."""
+        return cls.default_preset
 
     @classmethod
     def config_keys(cls) -> List[str]:
