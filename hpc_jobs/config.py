@@ -85,6 +85,8 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
     if origin in (list, List, tuple, typing.Sequence):
         if isinstance(value, str):  # allow --set topology=512,256
             value = [_yaml().safe_load(v) for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # --set dropout=0.5: a one-element list
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config '{key}': {value!r} is not {_type_name(tp)}")
         (item_tp,) = typing.get_args(tp)[:1] or (Any,)

@@ -1,0 +1,80 @@
+"""The diving workflow's launch side: presets, the seed's config surface, CARC scripts, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.pipeline_helpers import cli, launch_json
+
+
+def _scripts(out):
+    return {s["name"]: Path(s["script"]).read_text() for s in out["stages"] if s["script"]}
+
+
+def test_carc_dry_run_reads_like_the_seed_job_files(tmp_path):
+    out = launch_json(tmp_path, "diving", "--gpus", "2", "--cluster", "discovery", "--account", "ttrojan_123",
+                      "--dry-run", "--preset", "paper")
+    names = [s["name"] for s in out["stages"]]
+    assert names == ["download", "prepare", "train", "eval"]
+    scripts = _scripts(out)
+    assert set(scripts) == {"prepare", "train", "eval"}  # download runs on the login node
+    train = scripts["train"]
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --gres=gpu:v100:2", "#SBATCH --account=ttrojan_123",
+                 "#SBATCH --ntasks-per-node=2", "#SBATCH --time=02:00:00", "#SBATCH --job-name=diving.train",
+                 "module load gcc/8.3.0 cuda/10.2.89", "conda activate", "#SBATCH --signal=USR2@300"):
+        assert line in train, line
+    prepare = scripts["prepare"]
+    for line in ("#SBATCH --partition=main", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32768M",
+                 "#SBATCH --time=12:00:00", "module load gcc/8.3.0 ffmpeg/4.1.1 python/3.9.2"):
+        assert line in prepare, line
+    assert "gres" not in prepare
+
+
+def test_gpu_type_nodes_and_partition_options(tmp_path):
+    out = launch_json(tmp_path, "diving", "--gpus", "4", "--nodes", "2", "--gpu-type", "a100", "--cluster",
+                      "discovery", "--account", "a", "--time", "1-00:00:00", "--dry-run")
+    train = _scripts(out)["train"]
+    assert "#SBATCH --gres=gpu:a100:4" in train and "#SBATCH --nodes=2" in train
+    assert "#SBATCH --time=1-00:00:00" in train
+    assert "#SBATCH --time=12:00:00" not in train
+
+
+def test_presets_tiny_on_synthetic_paper_on_real_data(tmp_path):
+    from launchers.diving import Diving
+
+    tiny = Diving.make_config()
+    assert tiny.depth == 2 and tiny.spatial_size == 64
+    (tmp_path / "mtl").mkdir()
+    paper = Diving.make_config(overrides={"root_dir": str(tmp_path / "mtl")})
+    assert paper.depth == 12 and paper.embed_dim == 768 and paper.spatial_size == 224 and paper.learning_rate == 1e-5
+    assert Diving.make_config(preset="paper", overrides={"frame_num": 16}).frame_num == 16
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["root_dir=/nonexistent/mtl"], "root_dir '/nonexistent/mtl' does not exist"),
+    (["frame_method=every_other"], "config 'frame_method': 'every_other' is not one of"),
+    (["optimizer=Lion"], "config 'optimizer': 'Lion' is not one of"),
+    (["topology=512,256", "dropout=0.5"], "dropout has 1 values but topology has 2 layers"),
+    (["pretrained_model=/nope.pyth"], "pretrained_model '/nope.pyth' is not a file"),
+    (["spatial_size=70"], "must be a multiple of patch_size"),
+    (["batch_size=0"], "batch_size=0: must be at least 1"),
+    (["data.allow_missing=perhaps"], "config 'data.allow_missing': 'perhaps' is not a bool"),
+    (["train_val_split_ratio=1.5"], "train_val_split_ratio=1.5"),
+])
+def test_bad_diving_config_exits_2_before_anything_runs(tmp_path, sets, message):
+    args = ["diving", "--cluster", "local"]
+    for s in sets:
+        args += ["--set", s]
+    proc = cli(tmp_path, *args, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_help_lists_the_seed_keys(tmp_path):
+    proc = cli(tmp_path, "diving", "--help")
+    for key in ("frame_method", "loss_spcoef_weight", "use_decoder", "data.allow_missing", "attention_type"):
+        assert key in proc.stdout
