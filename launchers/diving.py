@@ -26,7 +26,7 @@ FRAME_METHODS = Literal["random", "spaced_fixed", "spaced_varied", "spaced_fixed
 @dataclass
 class DataOptions:
     synthetic: Literal["auto", "yes", "no"] = "auto"  # auto: only when root_dir is not set
-    synthetic_preset: Literal["tiny", "ci", "full"] = "ci"
+    synthetic_preset: Literal["tiny", "ci", "full", "sparse"] = "full"
     allow_missing: bool = False  # skip corrupt/missing videos (named in the report) instead of failing
     workers: Optional[int] = None  # frame extraction processes (default: the job's CPUs)
     cache_mb: float = 256.0  # decoded-frame cache per loader process
@@ -74,6 +74,7 @@ class DivingConfig:
     # -- model size beyond the seed (ViT-B/16 by default) ---------------------------------------------
     depth: int = 12
     num_heads: int = 12
+    drop_path_rate: float = 0.1
     # -- engine --------------------------------------------------------------------------------------
     strategy: Literal["ddp", "deepspeed"] = "ddp"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -120,20 +121,26 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "paper": {},
     # A TimeSformer small enough to learn the synthetic set on a laptop CPU in minutes.
     "tiny": {
-        "depth": 2, "embed_dim": 64, "num_heads": 4, "patch_size": 16, "spatial_size": 64, "frame_num": 8,
-        "batch_size": 4, "epochs": 12, "learning_rate": 3e-4, "weight_decay": 1e-4,
-        "dropout": [0.1], "topology": [64], "activation": "GELU", "normalize": True,
-        "loss_mse_weight": 1.0, "loss_spcoef_weight": 0.0, "optimizer": "AdamW",
+        "depth": 2, "embed_dim": 96, "num_heads": 4, "patch_size": 16, "spatial_size": 64, "frame_num": 8,
+        "frame_method": "spaced_varied", "batch_size": 4, "epochs": 25, "learning_rate": 1e-3,
+        "weight_decay": 1e-4, "dropout": [0.0], "topology": [128], "activation": "GELU", "drop_path_rate": 0.0,
+        "normalize": True, "loss_mse_weight": 1.0, "loss_spcoef_weight": 0.0, "optimizer": "AdamW",
         "prepare_cpus": 2, "prepare_mem": "2G", "prepare_time": "00:30:00",
         "train_cpus_per_gpu": 1, "train_mem": "4G", "train_time": "00:30:00", "eval_time": "00:15:00",
-        "log_every": 5,
+        "log_every": 20,
     },
 }
 
 
 # -- stage functions (run inside jobs; heavy imports stay inside) --------------------------------------
 def _root(ctx) -> Path:
-    return Path(ctx.config.root_dir).expanduser() if ctx.config.root_dir else ctx.data_root / "diving"
+    """The configured data root; the synthetic set lives apart, one directory per size."""
+    cfg = ctx.config
+    if cfg.root_dir:
+        return Path(cfg.root_dir).expanduser()
+    if cfg.data.synthetic == "no":
+        return ctx.data_root / "diving"
+    return ctx.data_root / "diving-synthetic" / cfg.data.synthetic_preset
 
 
 def _dataset_record(ctx) -> Dict[str, Any]:
@@ -147,8 +154,7 @@ def download(ctx) -> Dict[str, Any]:
 
     cfg = ctx.config
     root = _root(ctx)
-    has_real = (root / "final_annotations_dict.pkl").exists() and not synthetic.is_synthetic(root)
-    use_synthetic = cfg.data.synthetic == "yes" or (cfg.data.synthetic == "auto" and cfg.root_dir is None and not has_real)
+    use_synthetic = cfg.data.synthetic == "yes" or (cfg.data.synthetic == "auto" and cfg.root_dir is None)
     if use_synthetic:
         print(f"diving: no MTL-AQA data configured: using the SYNTHETIC set in {root} "
               f"(set root_dir=... for the real data)", flush=True)
