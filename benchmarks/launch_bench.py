@@ -116,7 +116,7 @@ def bench_submit_chain(reps: int, home: Path) -> Dict[str, Dict[str, float]]:
     def bare_sbatch_chain():
         previous = None
         for i in range(CHAIN):
-            args = ["sbatch", "--parsable", "--partition=batch", "--time=5", "--wrap=true"]
+            args = ["sbatch", "--parsable", "--partition=batch", "--time=5", "--output=/dev/null", "--wrap=true"]
             if previous:
                 args.append(f"--dependency=afterok:{previous}")
             previous = subprocess.run(args, capture_output=True, text=True, check=True).stdout.strip()
