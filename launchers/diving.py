@@ -132,6 +132,35 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 
+def preflight_real_data(cfg: DivingConfig) -> None:
+    """At launch, before anything is submitted: the annotation and split pickles load safely and
+    agree, and every video already on disk is a whole mp4 long enough for its clips (headers only,
+    no decoding). Videos not on disk yet are the download stage's job, unless data.no_network."""
+    from data.diving import annotations as ann
+    from data.diving import mp4check
+    from data.diving.errors import ExtractError
+
+    root = Path(cfg.root_dir).expanduser()
+    ann_path = Path(cfg.annotation_path).expanduser() if cfg.annotation_path else root / "final_annotations_dict.pkl"
+    if not ann_path.exists():
+        if cfg.data.no_network:
+            raise UserError(f"annotation file {ann_path} does not exist and data.no_network=true forbids the download")
+        return
+    annotations = ann.load_annotations(ann_path)
+    splits = [Path(p).expanduser() for p in (cfg.train_path or root / "train_split_0.pkl", cfg.test_path or root / "test_split_0.pkl")]
+    loaded = [ann.load_split(p, annotations, str(ann_path)) for p in splits if p.exists()]
+    if len(loaded) == 2:
+        ann.check_disjoint(loaded[0], loaded[1], str(splits[0]), str(splits[1]))
+    videos_dir = root / "whole_videos"
+    problems = mp4check.check_videos(root, annotations, videos=cfg.videos)
+    bad = {v: why for v, why in problems.items()
+           if why and (cfg.data.no_network or (videos_dir / f"{v}.mp4").exists())}
+    if bad and not cfg.data.allow_missing:
+        raise ExtractError(
+            f"{len(bad)} video(s) missing or damaged: " + "; ".join(f"{v}: {why}" for v, why in bad.items())
+            + ". Delete them to download again, or leave them out with --set data.allow_missing=true")
+
+
 # -- stage functions (run inside jobs; heavy imports stay inside) --------------------------------------
 def _root(ctx) -> Path:
     """The configured data root; the synthetic set lives apart, one directory per size."""
@@ -374,6 +403,8 @@ class Diving(Workflow):
 
     def build(self) -> Pipeline:
         cfg, opts = self.config, self.options
+        if cfg.root_dir:
+            preflight_real_data(cfg)
         gpus = opts.gpus if cfg.gpu else 0
         train_res = Resources(nodes=opts.nodes, gpus_per_node=gpus, tasks_per_node=max(1, opts.gpus),
                               cpus_per_task=cfg.train_cpus_per_gpu, mem=cfg.train_mem, time=cfg.train_time)

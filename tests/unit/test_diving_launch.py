@@ -78,3 +78,60 @@ def test_help_lists_the_seed_keys(tmp_path):
     proc = cli(tmp_path, "diving", "--help")
     for key in ("frame_method", "loss_spcoef_weight", "use_decoder", "data.allow_missing", "attention_type"):
         assert key in proc.stdout
+
+
+@pytest.fixture
+def real_layout(tmp_path):
+    """A data root in the real MTL-AQA layout (the tiny synthetic set, used as if it were real)."""
+    from data.diving import synthetic
+
+    root = tmp_path / "mtl"
+    synthetic.generate(root, preset="tiny")
+    (root / "SYNTHETIC.json").unlink()  # now indistinguishable from user data
+    return root
+
+
+def _launch_on(tmp_path, root, *extra):
+    return cli(tmp_path, "diving", "--cluster", "local", "--dry-run", "--set", f"root_dir={root}", *extra, check=False)
+
+
+def test_real_layout_passes_preflight(tmp_path, real_layout):
+    proc = _launch_on(tmp_path, real_layout)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_annotation_pickle_that_imports_code_is_refused(tmp_path, real_layout):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            import os
+            return (os.system, ("touch /tmp/hpc-jobs-pwned",))
+
+    (real_layout / "final_annotations_dict.pkl").write_bytes(pickle.dumps({(1, 1): Evil()}))
+    proc = _launch_on(tmp_path, real_layout)
+    assert proc.returncode == 2 and "os" in proc.stderr and "system" in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert not Path("/tmp/hpc-jobs-pwned").exists()
+
+
+def test_malformed_annotations_and_bad_split_are_refused(tmp_path, real_layout):
+    import pickle
+
+    good = (real_layout / "train_split_0.pkl").read_bytes()
+    (real_layout / "train_split_0.pkl").write_bytes(pickle.dumps([(99, 1)]))
+    proc = _launch_on(tmp_path, real_layout)
+    assert proc.returncode == 2 and "(99, 1)" in proc.stderr, proc.stderr
+    (real_layout / "train_split_0.pkl").write_bytes(good)
+    (real_layout / "final_annotations_dict.pkl").write_bytes(b"not a pickle at all")
+    proc = _launch_on(tmp_path, real_layout)
+    assert proc.returncode == 2 and "final_annotations_dict.pkl" in proc.stderr, proc.stderr
+
+
+def test_truncated_video_is_named_before_submission(tmp_path, real_layout):
+    video = sorted((real_layout / "whole_videos").glob("*.mp4"))[0]
+    data = video.read_bytes()
+    video.write_bytes(data[: len(data) // 3])
+    proc = _launch_on(tmp_path, real_layout)
+    assert proc.returncode == 2 and video.name[:2] in proc.stderr and "allow_missing" in proc.stderr, proc.stderr
+    assert _launch_on(tmp_path, real_layout, "--set", "data.allow_missing=true").returncode == 0
