@@ -40,6 +40,8 @@ class TrainConfig:
     device: str = "auto"                # "auto" | "cpu" | "cuda"
     num_threads: int | None = None      # torch intra-op threads; None: cpus_per_task under Slurm
     heartbeat_every_s: float = 5.0
+    tensorboard: bool = True            # events in out_dir/tb (metrics.csv is always written)
+    plot: bool = True                   # out_dir/losses.png refreshed at epoch ends (matplotlib)
     dist_timeout_s: float = 1800.0      # collectives (validation on rank 0 holds the others)
     init_max_mismatch: float = 0.1      # init_from: max fraction of shared tensors with other shapes
     init_min_matched: float = 0.5       # init_from: min fraction of model tensors found
@@ -66,8 +68,9 @@ class TrainConfig:
             raise bad("checkpoint_every_steps", "must be >= 0 (0 = epoch ends and signals only)")
         if self.max_steps is not None and self.max_steps < 1:
             raise bad("max_steps", "must be at least 1, or None for no limit")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise bad("zero_stage", "expected 0, 1, 2 or 3")
+        if self.zero_stage not in (0, 1, 2):
+            raise bad("zero_stage", "expected 0, 1 or 2 (stage 3 partitions the weights, which the "
+                      "engine's full-weight checkpoints do not gather)")
         if not 0 <= self.init_max_mismatch <= 1 or not 0 <= self.init_min_matched <= 1:
             raise ValueError("TrainConfig.init_max_mismatch and init_min_matched are fractions in [0, 1]")
         self.signal_name = self.signal_name.upper().removeprefix("SIG")

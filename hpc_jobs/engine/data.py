@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import signal
 from typing import Any, Iterator
 
 import numpy as np
@@ -104,6 +105,13 @@ class DeviceLoader:
             yield move_to_device(batch, self.device)
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore the stop signals Slurm sends to every process of the step: the main
+    process checkpoints first, and the workers exit with it (they watch their parent)."""
+    for name in ("SIGTERM", "SIGUSR1", "SIGUSR2"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def build_loader(dataset: Dataset, *, batch_size: int, sampler: Any, num_workers: int, device: torch.device,
                  collate_fn: Any, drop_last: bool, seed_samples: bool,
                  generator: torch.Generator | None = None) -> DeviceLoader:
@@ -119,5 +127,6 @@ def build_loader(dataset: Dataset, *, batch_size: int, sampler: Any, num_workers
         pin_memory=device.type == "cuda",
         persistent_workers=num_workers > 0,
         generator=generator,
+        worker_init_fn=_ignore_stop_signals if num_workers > 0 else None,
     )
     return DeviceLoader(loader, device, dataset)

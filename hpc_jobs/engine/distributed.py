@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -113,6 +113,25 @@ class Distributed:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on rank 0 only and hand its (picklable) result to every rank. When it fails,
+        rank 0 re-raises and the other ranks raise too, instead of waiting in a collective."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except Exception as exc:  # re-raised below, after telling the others
+                error = exc
+        if self.active:
+            status = self.broadcast(("ok", result) if error is None else ("error", f"{type(error).__name__}: {error}"))
+        else:
+            status = ("ok", result)
+        if error is not None:
+            raise error
+        if status[0] == "error":
+            raise RuntimeError(f"rank 0 failed: {status[1]}")
+        return status[1]
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():

@@ -99,7 +99,7 @@ def plot_losses(metrics: MetricsCSV, path: Path, max_val_panels: int = 3) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    val_names = metrics.metric_names("val")[:max_val_panels]
+    val_names = [n for n in metrics.metric_names("val") if n != "loss"][:max_val_panels]
     panels = 1 + len(val_names)
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
     ax = axes[0][0]

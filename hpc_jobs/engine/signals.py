@@ -13,6 +13,8 @@ import sys
 import threading
 from types import FrameType
 
+from hpc_jobs.environment import take_pending_signals
+
 REQUEUE = 1  # bit set by the requeue signal
 TERMINATE = 2  # bit set by SIGTERM
 
@@ -44,6 +46,8 @@ class StopFlag:
             return self
         for signum in {self.requeue_signum, signal.SIGTERM}:
             self._previous[signum] = signal.signal(signum, self._handle)
+        for signum in take_pending_signals():  # arrived during start-up (catch_stop_signals)
+            self._handle(signum, None)
         return self
 
     def __exit__(self, *exc: object) -> None:

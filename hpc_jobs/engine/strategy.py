@@ -122,21 +122,28 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def deepspeed_config(config: TrainConfig, world_size: int, precision: str) -> dict[str, Any]:
-    """DeepSpeed config from TrainConfig (``config.deepspeed_config`` merged over it). The torch
-    optimizer built by the task is passed as is ("zero_allow_untested_optimizer"), so DeepSpeed
-    does not compile its fused Adam."""
-    generated = {
+    """DeepSpeed config from TrainConfig (``config.deepspeed_config`` merged over it).
+
+    - The task's torch optimizer is passed as is ("zero_allow_untested_optimizer"), so DeepSpeed
+      does not compile its fused Adam.
+    - Mixed precision uses DeepSpeed's ``torch_autocast`` (fp32 master weights, autocast in the
+      forward, a GradScaler inside ZeRO for fp16): the same semantics as the DDP path, so tasks
+      never cast their inputs. DeepSpeed's native ``fp16``/``bf16`` modes (half weights) switch
+      autocast off inside the engine's forward; choose them through ``deepspeed_config`` only if
+      the task feeds half-precision inputs itself.
+    """
+    generated: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": config.batch_size,
         "gradient_accumulation_steps": config.grad_accum,
         "train_batch_size": config.batch_size * config.grad_accum * world_size,
         "zero_optimization": {"stage": config.zero_stage},
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": float(config.grad_clip or 0.0),
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 0},
-        "bf16": {"enabled": precision == "bf16"},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if precision in ("bf16", "fp16"):
+        generated["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if precision == "bf16" else "float16"}
     return _merge(generated, config.deepspeed_config)
 
 
@@ -163,6 +170,11 @@ class DeepSpeedStrategy(Strategy):
         if self.device.type == "cpu":
             _skip_cpu_shm_op_build()
         import deepspeed
+
+        env = self.dist.env  # DeepSpeed reads the torchrun variables itself; RunEnv is the authority
+        os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+                          LOCAL_WORLD_SIZE=str(env.local_world_size), MASTER_ADDR=env.master_addr,
+                          MASTER_PORT=str(env.master_port))
 
         self.ds_config = deepspeed_config(self.config, self.dist.world_size, self.precision)
         engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=self.ds_config,
