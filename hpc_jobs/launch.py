@@ -232,6 +232,7 @@ def _runner(plan: Plan, stage: Stage) -> StageRunner:
         data_root=str(plan.profile.data_root),
         task_index=None,
         num_tasks=stage.num_tasks,
+        max_requeues=stage.max_requeues,
     )
 
 

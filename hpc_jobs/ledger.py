@@ -138,6 +138,19 @@ class Run:
             src = REPO_ROOT / package
             if src.is_dir():
                 shutil.copytree(src, self.code_dir / package, ignore=ignore)
+        from .workflow import launcher_packages
+
+        for package in launcher_packages():
+            if package in CODE_PACKAGES:
+                continue
+            import importlib
+
+            module = importlib.import_module(package)
+            top = package.split(".")[0]
+            src = Path(importlib.import_module(top).__file__).parent
+            dest = self.code_dir / top
+            if not dest.exists():
+                shutil.copytree(src, dest, ignore=ignore)
         shutil.copytree(REPO_ROOT / "templates", self.code_dir / "templates", ignore=ignore)
 
     def remember(self) -> None:

@@ -44,6 +44,10 @@ def _now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
+class RequeueLimitError(RuntimeError):
+    """A stage came back more often than its ``max_requeues``: stop the loop."""
+
+
 @dataclass
 class StageContext:
     """What a stage's entry point receives."""
@@ -85,6 +89,7 @@ class StageRunner:
     data_root: str
     task_index: Optional[int] = None
     num_tasks: int = 1
+    max_requeues: int = 20
 
     def for_task(self, task: Optional[int]) -> "StageRunner":
         clone = StageRunner(**{**self.__dict__, "task_index": task})
@@ -156,6 +161,12 @@ class StageRunner:
         if main:
             atomic_write_json(marker, {**base, "state": "RUNNING"})
         try:
+            if env.restart_count > self.max_requeues:
+                raise RequeueLimitError(
+                    f"stage '{self.stage}' was requeued {env.restart_count} times (limit {self.max_requeues}): "
+                    f"it keeps being interrupted before it finishes. Read its log (python launch.py logs "
+                    f"{Path(self.run_dir).name} {self.stage}), fix the cause, then resume the run"
+                )
             ctx = StageContext(
                 run_dir=Path(self.run_dir),
                 stage=self.stage,

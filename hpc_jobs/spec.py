@@ -152,6 +152,7 @@ class Stage:
     kind: Optional[str] = None  # "cpu" or "gpu": which environment setup of the profile; default from GPUs
     description: str = ""
     requeue: bool = True  # allow Slurm to requeue (preemption, signal-driven checkpoint/requeue)
+    max_requeues: int = 20  # a stage requeued more often than this fails instead of looping forever
 
     @property
     def setup_kind(self) -> str:

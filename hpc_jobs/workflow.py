@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import pkgutil
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Type
@@ -21,6 +22,13 @@ from .spec import Pipeline
 
 _REGISTRY: Dict[str, Type["Workflow"]] = {}
 LAUNCHER_PACKAGES = ("launchers",)
+
+
+def launcher_packages() -> List[str]:
+    """``launchers`` plus the packages named in ``HPC_JOBS_LAUNCHERS`` (comma-separated): keep your
+    own workflows in your own package; its code is snapshotted with the run like the rest."""
+    extra = [p.strip() for p in os.environ.get("HPC_JOBS_LAUNCHERS", "").split(",") if p.strip()]
+    return list(LAUNCHER_PACKAGES) + [p for p in extra if p not in LAUNCHER_PACKAGES]
 
 
 @dataclass
@@ -104,7 +112,7 @@ def register(cls: Type[Workflow]) -> Type[Workflow]:
 
 def discover() -> Dict[str, Type[Workflow]]:
     """Import every module of the launcher packages once; return the registry."""
-    for package_name in LAUNCHER_PACKAGES:
+    for package_name in launcher_packages():
         package = importlib.import_module(package_name)
         for info in pkgutil.iter_modules(package.__path__):
             if not info.name.startswith("_"):

@@ -96,3 +96,20 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert message in proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("run.json"))
+
+
+def test_requeue_limit_stops_an_endless_loop(tmp_path, monkeypatch):
+    """A stage that came back more often than max_requeues fails with a clear message."""
+    import pickle
+
+    from hpc_jobs.runtime import RUNNER_FILE, RequeueLimitError
+
+    cli(tmp_path, "demo", "--cluster", "local", "--run-name", "loop")
+    run_dir = find_run_dir(tmp_path, "loop")
+    runner = pickle.loads((run_dir / "stages" / "train" / RUNNER_FILE).read_bytes())
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # as in a batch job that Slurm requeued 21 times
+    monkeypatch.setenv("SLURM_RESTART_COUNT", str(runner.max_requeues + 1))
+    with pytest.raises(RequeueLimitError, match="requeued 21 times"):
+        runner()
+    marker = json.loads((run_dir / "stages" / "train" / "state.json").read_text())
+    assert marker["state"] == "FAILED" and "limit 20" in marker["error"]
