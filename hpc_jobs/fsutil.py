@@ -7,14 +7,15 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 
-def atomic_write_bytes(path: os.PathLike, data: bytes, mode: int = 0o600, fsync: bool = True) -> None:
+def atomic_write_bytes(path: os.PathLike, data: bytes, mode: Optional[int] = 0o600, fsync: bool = True) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over ``path``.
 
     The rename alone makes the write atomic for readers and against a crash of this process;
-    ``fsync`` also makes it survive a power loss (skip it for files that can be rebuilt)."""
+    ``fsync`` also makes it survive a power loss (skip it for files that can be rebuilt).
+    ``mode=None`` gives the permissions a plain ``open()`` would (the umask's): for shared data."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
@@ -24,6 +25,10 @@ def atomic_write_bytes(path: os.PathLike, data: bytes, mode: int = 0o600, fsync:
             fh.flush()
             if fsync:
                 os.fsync(fh.fileno())
+        if mode is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
@@ -32,21 +37,27 @@ def atomic_write_bytes(path: os.PathLike, data: bytes, mode: int = 0o600, fsync:
         raise
 
 
-def atomic_write_text(path: os.PathLike, text: str, mode: int = 0o600, fsync: bool = True) -> None:
+def atomic_write_text(path: os.PathLike, text: str, mode: Optional[int] = 0o600, fsync: bool = True) -> None:
     atomic_write_bytes(path, text.encode(), mode, fsync)
 
 
-def atomic_write_json(path: os.PathLike, data: Any, mode: int = 0o600, fsync: bool = True, indent: Any = None) -> None:
+def atomic_write_json(path: os.PathLike, data: Any, mode: Optional[int] = 0o600, fsync: bool = True,
+                      indent: Any = None) -> None:
     # indent=None keeps json's C encoder (several times faster on a big run.json)
     atomic_write_text(path, json.dumps(data, indent=indent, default=str) + "\n", mode, fsync)
 
 
-def read_json(path: os.PathLike, default: Any = None) -> Any:
+def read_json(path: os.PathLike, default: Any = None, *, corrupt_ok: bool = False) -> Any:
+    """The parsed file, or ``default`` when it does not exist (or, with ``corrupt_ok``, is not JSON)."""
     try:
         with open(path) as fh:
             return json.load(fh)
     except FileNotFoundError:
         return default
+    except ValueError:
+        if corrupt_ok:
+            return default
+        raise
 
 
 @contextlib.contextmanager

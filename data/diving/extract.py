@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from ._fs import atomic_write_bytes, atomic_write_json, read_json
+from hpc_jobs.fsutil import atomic_write_bytes, atomic_write_json, read_json
 from .annotations import (Annotations, check_videos_annotated, frames_by_video, load_annotations,
                           parse_videos)
 from .errors import ExtractError
@@ -195,7 +195,7 @@ def _extract_video(job: _VideoJob) -> Dict[str, Any]:
                 ok, buf = cv2.imencode(".jpg", _resize(frame, job.resize_short_side), quality)
                 if not ok:
                     raise RuntimeError(f"JPEG encoding failed for frame {number}")
-                atomic_write_bytes(out / frame_name(number), buf.tobytes())
+                atomic_write_bytes(out / frame_name(number), buf.tobytes(), mode=None, fsync=False)
                 written += 1
                 pending += 1
                 now = time.monotonic()
@@ -206,11 +206,10 @@ def _extract_video(job: _VideoJob) -> Dict[str, Any]:
             cap.release()
             _post(job.video, pending)
             entry["frames_written"] = written
-        atomic_write_json(out / DONE_MARKER, {"video": f"{job.video:02d}", "frames": len(job.frames),
-                                              "first": job.frames[0], "last": job.frames[-1],
-                                              "signature": job.signature,
-                                              "resize_short_side": job.resize_short_side,
-                                              "jpeg_quality": job.jpeg_quality})
+        done = {"video": f"{job.video:02d}", "frames": len(job.frames), "first": job.frames[0],
+                "last": job.frames[-1], "signature": job.signature,
+                "resize_short_side": job.resize_short_side, "jpeg_quality": job.jpeg_quality}
+        atomic_write_json(out / DONE_MARKER, done, mode=None)
         entry.update(status="extracted")
         return entry
     except Exception as exc:  # disk full, permissions...: reported, never lost silently
@@ -302,7 +301,7 @@ def extract_frames(root: os.PathLike, annotations: Optional[Annotations] = None,
                              "frames_written": 0, "error": f"{src} does not exist"}
             continue
         sig = _signature(frames, src.stat().st_size, resize_short_side, jpeg_quality)
-        marker = read_json(out / DONE_MARKER)
+        marker = read_json(out / DONE_MARKER, corrupt_ok=True)
         to_write = frames
         if isinstance(marker, dict) and marker.get("signature") == sig:
             present = set(os.listdir(out))
@@ -387,7 +386,7 @@ def extract_frames(root: os.PathLike, annotations: Optional[Annotations] = None,
         "resize_short_side": resize_short_side, "jpeg_quality": jpeg_quality,
         "videos": {k: entries[k] for k in sorted(entries)},
     }
-    atomic_write_json(frames_dir / REPORT_NAME, report)
+    atomic_write_json(frames_dir / REPORT_NAME, report, mode=None, indent=2)
     prog.done_frames = max(prog.done_frames, written)
     if progress is not None:
         progress(prog.done_frames, prog.total_frames)
@@ -451,7 +450,7 @@ def extract_with_ffmpeg_baseline(root: os.PathLike, annotations: Optional[Annota
 
 def read_report(frames_dir: os.PathLike) -> Optional[Dict[str, Any]]:
     """The last ``extract_report.json`` under ``frames_dir`` (None if there is none)."""
-    return read_json(Path(frames_dir) / REPORT_NAME)
+    return read_json(Path(frames_dir) / REPORT_NAME, corrupt_ok=True)
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:

@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._fs import atomic_write_json
+from hpc_jobs.fsutil import atomic_write_json
 from .annotations import VIDEO_NUMS, dump_pickle
 from .errors import DivingDataError
 
@@ -337,7 +337,7 @@ def generate(root: os.PathLike, n_videos: Optional[int] = None, clips_per_video:
             shutil.rmtree(root / name, ignore_errors=True)
 
     root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(root / MARKER, {**record, "complete": False})  # an interrupted run is redone
+    atomic_write_json(root / MARKER, {**record, "complete": False}, mode=None, indent=2)  # an interrupted run is redone
     plans, lengths = plan_dives(params["n_videos"], params["clips_per_video"],
                                 tuple(params["frames_per_clip"]), tuple(params["filler_frames"]), seed)
     videos_dir = root / "whole_videos"
@@ -370,5 +370,5 @@ def generate(root: os.PathLike, n_videos: Optional[int] = None, clips_per_video:
     summary = {**record, "videos": [f"{v:02d}" for v in plans], "clips": len(keys), "train_clips": len(train),
                "test_clips": len(test), "frames": int(sum(lengths.values())),
                "annotated_frames": int(sum(s.n_frames for d in plans.values() for s in d)), "complete": True}
-    atomic_write_json(root / MARKER, summary)  # written last: its presence means "complete"
+    atomic_write_json(root / MARKER, summary, mode=None, indent=2)  # written last: its presence means "complete"
     return {**summary, "root": str(root), "seconds": seconds, "reused": False}
