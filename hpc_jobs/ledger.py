@@ -141,14 +141,13 @@ class Run:
         from .workflow import launcher_packages
 
         for package in launcher_packages():
-            if package in CODE_PACKAGES:
+            if package.split(".")[0] in CODE_PACKAGES:
                 continue
             import importlib
 
             module = importlib.import_module(package)
-            top = package.split(".")[0]
-            src = Path(importlib.import_module(top).__file__).parent
-            dest = self.code_dir / top
+            src = Path(list(module.__path__)[0])  # a package (namespace packages included)
+            dest = self.code_dir.joinpath(*package.split("."))
             if not dest.exists():
                 shutil.copytree(src, dest, ignore=ignore)
         shutil.copytree(REPO_ROOT / "templates", self.code_dir / "templates", ignore=ignore)
