@@ -7,21 +7,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .errors import UserError
 
-COMMANDS = ("list", "status", "logs", "cancel", "resume", "profiles")
+COMMANDS = ("list", "status", "logs", "cancel", "resume", "profiles", "debug", "report")
 
 TOP_HELP = """\
 usage: python launch.py WORKFLOW [options]      launch a workflow (python launch.py WORKFLOW --help)
        python launch.py list                    the workflows, one line each
-       python launch.py status [RUN] [--json]   stage states of a run (no RUN: the recent runs)
-       python launch.py logs RUN [STAGE] [-f]   print (or follow) a stage's log
+       python launch.py status [RUN] [--watch] [--json]
+                                                stages, progress, failures of a run (no RUN: recent runs)
+       python launch.py logs RUN [STAGE] [-f] [--task I] [--attempt N]
+                                                print (or follow) a stage's log
        python launch.py cancel RUN [STAGE ...]  cancel a run's jobs
        python launch.py resume RUN              resubmit what did not complete (and its descendants)
+       python launch.py debug WORKFLOW --stage S [--from-run RUN] [--shell] [--break]
+                                                run one stage interactively in an allocation (salloc)
+       python launch.py report RUN              write report.md: stage table, timings, curves, metrics
        python launch.py profiles                the cluster profiles
 
 hpc-jobs renders each stage of a research pipeline as an sbatch script, submits the stages with
@@ -61,14 +68,11 @@ def launch_parser(workflow: str, summary: str = "", keys: Optional[List[str]] = 
     return p
 
 
-def cmd_launch(workflow: str, argv: List[str]) -> int:
+def _launch_request(workflow: str, args: argparse.Namespace, argv: List[str], prefix: List[str]):
     from . import config as cfgmod
     from . import workflow as wfmod
-    from .launch import LaunchRequest, launch
+    from .launch import LaunchRequest
 
-    wf = wfmod.get(workflow)
-    parser = launch_parser(workflow, wf.summary, wf.config_keys(), wf.presets)
-    args = parser.parse_args(argv)
     overrides: Dict[str, Any] = {}
     for item in args.sets:
         key, value = cfgmod.parse_assignment(item)
@@ -85,7 +89,7 @@ def cmd_launch(workflow: str, argv: List[str]) -> int:
         raise UserError(f"--gpus {args.gpus}: give at least 1 (a workflow's CPU stages need no --gpus)")
     if args.nodes < 1:
         raise UserError(f"--nodes {args.nodes}: give at least 1")
-    req = LaunchRequest(
+    return LaunchRequest(
         workflow=workflow,
         cluster=args.cluster,
         options=options,
@@ -94,12 +98,26 @@ def cmd_launch(workflow: str, argv: List[str]) -> int:
         overrides=overrides,
         run_name=args.run_name,
         dry_run=args.dry_run,
-        argv=["launch.py", workflow, *argv],
+        argv=[*prefix, workflow, *argv],
     )
+
+
+def cmd_launch(workflow: str, argv: List[str]) -> int:
+    from . import workflow as wfmod
+    from .launch import launch
+
+    wf = wfmod.get(workflow)
+    parser = launch_parser(workflow, wf.summary, wf.config_keys(), wf.presets)
+    args = parser.parse_args(argv)
+    req = _launch_request(workflow, args, argv, ["launch.py"])
     quiet = args.json
     echo = (lambda line: print(line, file=sys.stderr, flush=True)) if quiet else _echo
     result = launch(req, echo=echo)
     run = result.run
+    if result.plan.profile.backend == "slurm" and not args.dry_run:
+        from . import poller
+
+        poller.invalidate()  # new jobs: the next status read asks the scheduler soon
     if args.json:
         print(json.dumps(_launch_json(result), indent=2))
     elif args.dry_run:
@@ -221,14 +239,214 @@ def cmd_profiles(argv: List[str]) -> int:
     return 0
 
 
-def cmd_status(argv: List[str]) -> int:
-    from .ledger import find_run, recent_runs
-    from .status import stage_states
+# -- status --------------------------------------------------------------------------------------
+STATE_STYLE = {"COMPLETED": "green", "RUNNING": "cyan", "PENDING": "yellow", "SUBMITTED": "yellow",
+               "REQUEUED": "yellow", "PREEMPTED": "yellow", "FAILED": "bold red", "TIMEOUT": "bold red",
+               "OUT_OF_MEMORY": "bold red", "NODE_FAIL": "bold red", "CANCELLED": "red", "UNKNOWN": "magenta",
+               "SKIPPED": "dim", "PLANNED": "dim"}
 
-    p = argparse.ArgumentParser(prog="python launch.py status", description="Stage states of a run.")
+
+def _duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(max(0, seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def _unicode_ok() -> bool:
+    enc = (getattr(sys.stdout, "encoding", None) or "").lower()
+    return enc.startswith("utf")
+
+
+def progress_bar(fraction: float, width: int = 16, unicode: Optional[bool] = None) -> str:
+    """``█████░░░░░`` (or ``#####-----`` where the terminal is not UTF-8)."""
+    unicode = _unicode_ok() if unicode is None else unicode
+    full, empty = ("█", "░") if unicode else ("#", "-")
+    fraction = max(0.0, min(1.0, fraction))
+    done = int(round(fraction * width))
+    return full * done + empty * (width - done)
+
+
+def progress_cell(st, unicode: Optional[bool] = None) -> str:
+    """Bar, percent, step/total, ETA (while running) and a stale flag, from the parsed heartbeat."""
+    p = st.progress
+    if not p:
+        return ""
+    if p.get("unreadable"):
+        return "(heartbeat unreadable)"
+    parts: List[str] = []
+    fraction = p.get("fraction")
+    step, total = p.get("step"), p.get("total_steps", p.get("total"))
+    if fraction is not None:
+        if st.state == "COMPLETED":
+            fraction, step = 1.0, total
+        try:
+            counts = f"{int(float(step))}/{int(float(total))}"
+        except (TypeError, ValueError):
+            counts = ""
+        parts.append(f"{progress_bar(fraction, unicode=unicode)} {fraction * 100:3.0f}% {counts}")
+    elif isinstance(step, (int, float)):
+        parts.append(f"step {int(step)}")
+    if st.state == "RUNNING" and p.get("eta_s") is not None and not p.get("stale"):
+        parts.append(f"ETA {_duration(p['eta_s'])}")
+    if p.get("stale"):
+        parts.append(f"STALE: no heartbeat for {_duration(p.get('age_s'))}")
+    if p.get("phase") and st.state == "RUNNING" and p.get("phase") not in ("train",):
+        parts.append(f"({p['phase']})")
+    return " ".join(parts)
+
+
+def _note(st) -> str:
+    notes: List[str] = []
+    if st.tasks:
+        counts: Dict[str, int] = {}
+        for value in st.tasks.values():
+            counts[value] = counts.get(value, 0) + 1
+        notes.append(f"{len(st.tasks)} tasks: " + " ".join(f"{k}:{v}" for k, v in counts.items()))
+    if st.reason and st.reason not in ("None",) and st.state != "RUNNING":
+        notes.append(f"({st.reason})")
+    if st.metric:
+        notes.append(st.metric)
+    elif st.result and st.state == "COMPLETED":
+        notes.append(_fmt_result(st.result))
+    if st.error and not st.hint:
+        notes.append(st.error[:80])
+    return "  ".join(notes)
+
+
+def render_status(run, states, footer: str = ""):
+    """The status table (rich) plus, for each failed stage, its Slurm state, exit code, hint and
+    the last lines of its error log."""
+    from rich import box
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    title = f"run {run.id} ({run.workflow} on {run.record.get('cluster')})" + ("  [debug run]" if run.record.get("debug") else "")
+    table = Table(title=Text(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("stage", "state", "job", "node", "elapsed", "progress", "last metric / note"):
+        table.add_column(col, overflow="fold")
+    for st in states.values():
+        table.add_row(
+            Text(st.name),
+            Text(st.state, style=STATE_STYLE.get(st.state, "")),
+            Text(",".join(st.job_ids) or ("-" if st.where == "batch" else st.where or "-")),
+            Text(st.node or "-"),
+            Text(st.elapsed or "-"),
+            Text(progress_cell(st)),
+            Text(_note(st)),
+        )
+    parts: List[Any] = [table]
+    for st in states.values():
+        if not st.hint and not st.log_tail:
+            continue
+        head = Text(f"{st.name}: ", style="bold")
+        head.append(f"{st.raw_state or st.state}", style=STATE_STYLE.get(st.state, ""))
+        head.append(f"  exit code {st.exit_code or '-'}")
+        if st.error:
+            head.append(f"  {st.error[:160]}")
+        parts.append(head)
+        if st.hint:
+            parts.append(Text(f"  hint: {st.hint['hint']}", style="bold yellow"))
+        if st.log_tail:
+            parts.append(Text(f"  last lines of {st.log_file}:", style="dim"))
+            for line in st.log_tail:
+                parts.append(Text("    " + line))
+    if footer:
+        parts.append(Text(footer, style="dim"))
+    return Group(*parts)
+
+
+def _console(file=None):
+    from rich.console import Console
+
+    console = Console(file=file, highlight=False, soft_wrap=False)
+    if not console.is_terminal:
+        console = Console(file=file, highlight=False, width=max(console.width, 160), soft_wrap=False)
+    return console
+
+
+def status_text(run, states, width: int = 160) -> str:
+    """The status view as plain text (for tests and pipes)."""
+    import io
+
+    from rich.console import Console
+
+    buf = io.StringIO()
+    Console(file=buf, width=width, color_system=None, highlight=False).print(render_status(run, states))
+    return buf.getvalue()
+
+
+def _status_json(run, states) -> Dict[str, Any]:
+    from .status import run_finished
+
+    return {"run": run.id, "run_dir": str(run.dir), "workflow": run.workflow,
+            "backend": run.record.get("backend"), "cluster": run.record.get("cluster"),
+            "debug": bool(run.record.get("debug")), "finished": run_finished(states),
+            "stages": [s.as_dict() for s in states.values()]}
+
+
+def _run_exit(states) -> int:
+    ok = {"COMPLETED", "SKIPPED"}
+    return 0 if all(s.state in ok for s in states.values()) else 1
+
+
+def watch(run, interval: float = 5.0, as_json: bool = False, max_s: Optional[float] = None) -> int:
+    """Refresh the status view every ``interval`` s until the run ends (or Ctrl-C). Reads go
+    through the shared poller, so watching costs the scheduler nothing extra."""
+    from .status import run_finished, stage_states
+
+    console = _console()
+    deadline = time.monotonic() + max_s if max_s else None
+    footer = f"refreshing every {interval:g}s; Ctrl-C stops watching (the run goes on)"
+    try:
+        if console.is_terminal and not as_json:
+            from rich.live import Live
+
+            states = stage_states(run)
+            with Live(render_status(run, states, footer), console=console, refresh_per_second=2,
+                      auto_refresh=False) as live:
+                while not run_finished(states) and not (deadline and time.monotonic() > deadline):
+                    time.sleep(interval)
+                    states = stage_states(run)
+                    live.update(render_status(run, states, footer), refresh=True)
+            return _run_exit(states)
+        last = None
+        while True:
+            states = stage_states(run)
+            finished = run_finished(states)
+            key = tuple((s.name, s.state, progress_cell(s, unicode=False)[:24], bool(s.hint)) for s in states.values())
+            if key != last or finished:
+                last = key
+                if as_json:
+                    print(json.dumps(_status_json(run, states), default=str), flush=True)
+                else:
+                    console.print(f"-- {time.strftime('%H:%M:%S')}")
+                    console.print(render_status(run, states))
+            if finished or (deadline and time.monotonic() > deadline):
+                return _run_exit(states)
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        print(f"stopped watching; the run goes on (python launch.py status {run.id})", file=sys.stderr)
+        return 0
+
+
+def cmd_status(argv: List[str]) -> int:
+    from . import poller
+    from .ledger import find_run, recent_runs
+    from .status import run_job_ids, stage_states
+
+    p = argparse.ArgumentParser(prog="python launch.py status",
+                                description="Stage states, progress and failures of a run.")
     p.add_argument("run", nargs="?", help="run id, run directory or 'last' (default: list recent runs)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object (with --watch: one per change)")
+    p.add_argument("--watch", "-w", action="store_true", help="refresh until the run ends (Ctrl-C stops watching)")
+    p.add_argument("--interval", type=float, default=5.0, metavar="S", help="--watch refresh interval (default 5 s)")
     args = p.parse_args(argv)
+    if args.interval <= 0:
+        raise UserError(f"--interval {args.interval}: give a positive number of seconds")
     if not args.run:
         runs = recent_runs(10)
         if args.json:
@@ -238,9 +456,14 @@ def cmd_status(argv: List[str]) -> int:
         if not runs:
             print("no runs yet: python launch.py list, then python launch.py WORKFLOW")
             return 0
+        ids = [i for r in runs for i in run_job_ids(r)]
+        from . import slurm
+
+        if ids and slurm.available():
+            poller.query(ids)  # ONE scheduler call (at most) for every listed run
         rows = []
         for r in runs:
-            states = stage_states(r)
+            states = stage_states(r, triage=False)
             counts: Dict[str, int] = {}
             for s in states.values():
                 counts[s.state] = counts.get(s.state, 0) + 1
@@ -248,35 +471,81 @@ def cmd_status(argv: List[str]) -> int:
         _table(["run", "workflow", "cluster", "stages"], rows)
         return 0
     run = find_run(args.run)
+    if args.watch:
+        return watch(run, args.interval, as_json=args.json)
     states = stage_states(run)
     if args.json:
-        print(json.dumps({"run": run.id, "run_dir": str(run.dir), "workflow": run.workflow,
-                          "backend": run.record.get("backend"), "cluster": run.record.get("cluster"),
-                          "stages": [s.as_dict() for s in states.values()]}, indent=2, default=str))
+        print(json.dumps(_status_json(run, states), indent=2, default=str))
         return 0
-    rows = []
-    for s in states.values():
-        progress = ""
-        if s.progress and s.progress.get("total_steps"):
-            progress = f"{s.progress.get('step', 0)}/{s.progress['total_steps']}"
-        note = s.error or (s.reason if s.reason not in ("None", "") else "") or (_fmt_result(s.result) if s.result else "")
-        if s.tasks:
-            note = " ".join(f"{k}:{v}" for k, v in s.tasks.items()) + (f"  {note}" if note else "")
-        rows.append((s.name, s.state, ",".join(s.job_ids) or "-", s.elapsed or "-", s.exit_code or "-", progress, note[:100]))
-    print(f"run {run.id} ({run.workflow} on {run.record.get('cluster')}): {run.dir}")
-    _table(["stage", "state", "job", "elapsed", "exit", "progress", "note"], rows)
+    _console().print(render_status(run, states))
     return 0
+
+
+# -- logs ----------------------------------------------------------------------------------------
+def _print_text(text: str) -> None:
+    sys.stdout.write(text)
+    if text and not text.endswith("\n"):
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def _follow_files(files_fn, done_fn, positions: Dict[str, int], poll: float = 0.3) -> int:
+    """``tail -f`` over a set of files that may appear later (a pending job, a resubmission):
+    new files are printed from their start. Ends when ``done_fn()`` says the stage ended and
+    nothing was written for a second, or on Ctrl-C."""
+    last_file = None
+    quiet_since = time.monotonic()
+    next_check = 0.0
+    try:
+        while True:
+            wrote = False
+            paths = files_fn()
+            for path in paths:
+                key = str(path)
+                try:
+                    size = path.stat().st_size
+                except OSError:
+                    continue
+                pos = positions.get(key, 0)
+                if size < pos:
+                    pos = 0  # truncated or replaced
+                if size > pos:
+                    with open(path, "rb") as fh:
+                        fh.seek(pos)
+                        data = fh.read(size - pos)
+                    positions[key] = size
+                    if len(paths) > 1 and last_file != key:
+                        print(f"\n==> {path} <==", flush=True)
+                        last_file = key
+                    sys.stdout.write(data.decode(errors="replace"))
+                    sys.stdout.flush()
+                    wrote = True
+            now = time.monotonic()
+            if wrote:
+                quiet_since = now
+            if now >= next_check:
+                next_check = now + 2.0
+                ended = done_fn()
+                if ended and now - quiet_since >= 1.0:
+                    print(f"[stage ended: {ended}]", flush=True)
+                    return 0
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_logs(argv: List[str]) -> int:
     from .ledger import find_run
-    from .status import log_files
+    from .status import ACTIVE_LIKE, log_attempts, log_files, read_range, stage_states, tail_lines
 
     p = argparse.ArgumentParser(prog="python launch.py logs", description="Print or follow a stage's log.")
     p.add_argument("run")
     p.add_argument("stage", nargs="?", help="default: the last stage that started")
-    p.add_argument("--task", type=int, help="array task index")
-    p.add_argument("-f", "--follow", action="store_true", help="keep printing as the log grows")
+    p.add_argument("--task", type=int, help="array task index (default: every task; with --attempt: task 0)")
+    p.add_argument("--rank", type=int, default=0, help="which rank's log of a multi-task stage (default 0)")
+    p.add_argument("--attempt", type=int, metavar="N",
+                   help="only attempt N (1 = the first submission; requeues and resumes count up; -1 = the last)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing as the log grows, until the stage ends")
     p.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
     args = p.parse_args(argv)
     run = find_run(args.run)
@@ -286,30 +555,138 @@ def cmd_logs(argv: List[str]) -> int:
         if not started:
             raise UserError(f"run {run.id}: no stage has written a log yet")
         stage = started[-1]
-    files = log_files(run, stage, args.task)
-    if not files:
-        raise UserError(f"run {run.id}: stage '{stage}' has no log yet (python launch.py status {run.id})")
+    entry = run.stage(stage)
+    if args.task is not None and not entry.get("array"):
+        raise UserError(f"--task: stage '{stage}' is not an array")
+    if args.task is not None and not 0 <= args.task < int(entry.get("array") or 0):
+        raise UserError(f"--task {args.task}: stage '{stage}' has tasks 0..{int(entry['array']) - 1}")
+    slurm_stage = entry.get("where") == "batch" and run.record.get("backend") == "slurm" and entry.get("jobs")
+    if args.attempt is not None:
+        if not slurm_stage:
+            raise UserError(f"--attempt: stage '{stage}' ran here, not as a Slurm job; it has one log")
+        task = args.task if args.task is not None or not entry.get("array") else 0
+        attempts = log_attempts(run, stage, task, args.rank)
+        if not attempts:
+            raise UserError(f"run {run.id}: stage '{stage}' has no log yet")
+        n = args.attempt
+        if n == 0 or abs(n) > len(attempts):
+            raise UserError(f"--attempt {n}: stage '{stage}' has attempts 1..{len(attempts)}")
+        att = attempts[n - 1] if n > 0 else attempts[n]
+        print(f"# attempt {att.number}/{len(attempts)} of {stage}: job {att.job_id}, {att.how}")
+        for key, rng in att.ranges.items():
+            text = read_range(Path(key), rng)
+            if not text:
+                continue
+            print(f"==> {key} <==")
+            lines = text.splitlines()
+            _print_text("\n".join(lines[-args.lines:] if args.lines else lines))
+        if args.follow and att.number != len(attempts):
+            raise UserError(f"-f follows the newest attempt ({len(attempts)}), not attempt {att.number}")
+        if not args.follow:
+            return 0
+    files = log_files(run, stage, args.task, args.rank)
+
+    def done() -> Optional[str]:
+        state = stage_states(run, triage=False)[stage].state
+        return None if state in ACTIVE_LIKE or state in ("UNKNOWN", "PLANNED") else state
+
+    positions: Dict[str, int] = {}
+    if not files and not args.follow:
+        raise UserError(f"run {run.id}: stage '{stage}' has no log yet (python launch.py status {run.id}, "
+                        f"or logs -f to wait for it)")
+    if slurm_stage and args.attempt is None:
+        task = args.task if args.task is not None or not entry.get("array") else 0
+        attempts = log_attempts(run, stage, task, args.rank)
+        if len(attempts) > 1:
+            print(f"# {len(attempts)} attempts: " + ", ".join(f"{a.number} (job {a.job_id}, {a.how})" for a in attempts)
+                  + f"; the files below hold the newest job's; --attempt N shows one")
+    if args.attempt is None:
+        for path in files:
+            if len(files) > 1:
+                print(f"==> {path} <==")
+            lines = tail_lines(path, args.lines, max_bytes=1 << 30) if args.lines else \
+                path.read_text(errors="replace").splitlines()
+            _print_text("\n".join(lines))
     for path in files:
-        if len(files) > 1:
-            print(f"==> {path} <==")
-        lines = path.read_text(errors="replace").splitlines()
-        if args.lines:
-            lines = lines[-args.lines:]
-        for line in lines:
-            print(line)
-    if args.follow:
-        path = files[0]
-        with open(path, errors="replace") as fh:
-            fh.seek(0, 2)
-            try:
-                while True:
-                    line = fh.readline()
-                    if line:
-                        print(line, end="", flush=True)
-                    else:
-                        time.sleep(0.5)
-            except KeyboardInterrupt:
-                return 0
+        try:
+            positions[str(path)] = path.stat().st_size
+        except OSError:
+            pass
+    if not args.follow:
+        return 0
+    if not files:
+        print(f"# waiting for stage '{stage}' to write its log ...", flush=True)
+    return _follow_files(lambda: log_files(run, stage, args.task, args.rank), done, positions)
+
+
+# -- debug ---------------------------------------------------------------------------------------
+DEBUG_USAGE = """\
+usage: python launch.py debug WORKFLOW --stage STAGE [--from-run RUN] [--task I] [--shell] [--break]
+                              [--post-mortem] [launch options: --gpus N --cluster C --set KEY=VALUE ...]
+
+Plan WORKFLOW like a launch, then run one stage in the foreground: on Slurm inside `salloc` with the
+stage's #SBATCH resources, through the same rendered script body under `srun --pty`, so a
+breakpoint() in your code stops at a prompt; locally as a foreground process. The debug run gets
+its own run directory (run.json: "debug": true).
+"""
+
+
+def cmd_debug(argv: List[str]) -> int:
+    from . import workflow as wfmod
+    from .debug import DebugRequest, execute, prepare
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(DEBUG_USAGE)
+        return 0 if argv else 2
+    workflow, rest = argv[0], argv[1:]
+    if workflow.startswith("-"):
+        raise UserError("debug: name the workflow first: python launch.py debug WORKFLOW --stage STAGE")
+    wf = wfmod.get(workflow)
+    parser = launch_parser(workflow, wf.summary, wf.config_keys(), wf.presets)
+    parser.prog = f"python launch.py debug {workflow}"
+    parser.description = f"Run one stage of {workflow} interactively (see python launch.py debug --help)."
+    parser.add_argument("--stage", required=True, help="the stage to run")
+    parser.add_argument("--from-run", metavar="RUN", help="reuse this run's upstream outputs (needed when the stage has inputs)")
+    parser.add_argument("--task", type=int, help="array task to run (default 0)")
+    parser.add_argument("--shell", action="store_true", help="an interactive shell in the job's environment instead")
+    parser.add_argument("--break", dest="brk", action="store_true", help="stop in pdb at the stage function's first line")
+    parser.add_argument("--post-mortem", action="store_true", help="open pdb where an exception is raised")
+    args = parser.parse_args(rest)
+    if args.follow or args.json:
+        raise UserError("debug runs in the foreground: --follow and --json do not apply")
+    req = _launch_request(workflow, args, rest, ["launch.py", "debug"])
+    dreq = DebugRequest(stage=args.stage, from_run=args.from_run, shell=args.shell, break_at_start=args.brk,
+                        post_mortem=args.post_mortem, task=args.task, dry_run=args.dry_run)
+    dplan = prepare(req, dreq, echo=_echo)
+    if args.dry_run:
+        if dplan.backend == "slurm":
+            print(dplan.script_path.read_text())
+            print(" ".join(shlex.quote(a) for a in dplan.salloc))
+        else:
+            print(" ".join(shlex.quote(a) for a in dplan.inner))
+        print(f"dry run: nothing started; debug run directory {dplan.run.dir}")
+        return 0
+    return execute(dplan, dreq, echo=_echo)
+
+
+# -- report --------------------------------------------------------------------------------------
+def cmd_report(argv: List[str]) -> int:
+    from .ledger import find_run
+    from .report import collect, write_report
+
+    p = argparse.ArgumentParser(prog="python launch.py report",
+                                description="Write one page about a run: stage table, timings, curves, final metrics.")
+    p.add_argument("run")
+    p.add_argument("--format", choices=("md", "html"), default="md")
+    p.add_argument("--output", "-o", metavar="PATH", help="default: RUN_DIR/report.md (or .html)")
+    p.add_argument("--json", action="store_true", help="print the report's data as JSON instead")
+    args = p.parse_args(argv)
+    run = find_run(args.run)
+    if args.json:
+        print(json.dumps(collect(run), indent=2, default=str))
+        return 0
+    path = write_report(run, args.format, Path(args.output) if args.output else None)
+    print(path)
     return 0
 
 
@@ -339,7 +716,15 @@ def cmd_resume(argv: List[str]) -> int:
     p.add_argument("run")
     args = p.parse_args(argv)
     run = find_run(args.run)
+    if run.record.get("backend") == "slurm":
+        from .status import stage_states
+
+        stage_states(run, triage=False, fresh=True)  # resume decides on a fresh answer, not a 30 s old one
     failed = resume(run, echo=_echo)
+    if run.record.get("backend") == "slurm":
+        from . import poller
+
+        poller.invalidate()
     cmd_status([run.id])
     return 1 if failed else 0
 
@@ -352,7 +737,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0 if argv else 2
         command, rest = argv[0], argv[1:]
         handlers = {"list": cmd_list, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
-                    "resume": cmd_resume, "profiles": cmd_profiles}
+                    "resume": cmd_resume, "profiles": cmd_profiles, "debug": cmd_debug, "report": cmd_report}
         if command in handlers:
             return handlers[command](rest)
         if command.startswith("-"):

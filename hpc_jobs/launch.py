@@ -421,6 +421,9 @@ def submit_batch_stages(run: Run, names: Sequence[str], echo: Echo) -> None:
         entry.setdefault("history", []).append({"submitted": time.time(), "job_ids": [j["job_id"] for j in jobs]})
         run.save(durable=False)  # the job ids are on disk before the next submission
     run.save()
+    from . import poller
+
+    poller.invalidate()  # status asks the scheduler again soon, whoever asks
 
 
 def _time_s(text: str) -> int:

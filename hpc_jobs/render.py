@@ -133,6 +133,9 @@ def build_job(
     directives.append(("time", format_time(res.time_seconds)))
     directives.append(("signal", f"{check_value('signal', profile.signal)}@{int(profile.signal_lead_s)}"))
     directives.append(("requeue" if stage.requeue else "no-requeue", None))
+    # run in the run directory: `python -m` puts the working directory first on sys.path, and the
+    # submit directory (often the checkout) would shadow the run's code snapshot
+    directives.append(("chdir", str(run_dir)))
     directives.append(("open-mode", "append"))
     directives.append(("output", out.replace("%t", "0")))
     directives.append(("error", err.replace("%t", "0")))

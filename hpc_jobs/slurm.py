@@ -1,8 +1,11 @@
 """Talking to Slurm's command-line tools: one state table, one query for many jobs.
 
-Every status read asks the scheduler about all of a run's jobs in ONE call (``sacct`` with the
-job ids, or ``squeue`` when accounting is off). A job missing from ``squeue`` is UNKNOWN, never
-"dead": the stage's own marker file then tells how it ended.
+The raw calls live here: :func:`sacct_jobs` asks about many job ids in ONE ``sacct`` call,
+:func:`squeue_user` asks about all of a user's jobs in ONE ``squeue`` call (accounting off, or
+``sacct`` lagging right after a submission). Nothing in hpc-jobs calls them directly for status:
+every status read goes through :mod:`hpc_jobs.poller`, which caches the answers on disk for all of
+a user's processes and backs off. A job missing from ``squeue`` is UNKNOWN, never "dead": the
+stage's own marker file then tells how it ended.
 """
 
 from __future__ import annotations
@@ -77,23 +80,58 @@ def version() -> Optional[str]:
     return out or None
 
 
-def _sacct(job_ids: List[str]) -> Optional[Dict[str, JobInfo]]:
+SACCT_FIELDS = "JobID,State,Elapsed,ExitCode,NodeList,Reason"
+SQUEUE_FORMAT = "%i|%T|%M|%N|%r|%F|%K"
+
+
+def sacct_jobs(base_ids: List[str]) -> Optional[Dict[str, JobInfo]]:
+    """One ``sacct`` call for many jobs (array ids expand to their tasks); None when accounting
+    is off or slurmdbd does not answer (the caller falls back to ``squeue``)."""
+    global last_sacct_error
+    if not base_ids:
+        return {}
     if not shutil.which("sacct"):
+        last_sacct_error = "no sacct on PATH"
         return None
-    fields = "JobID,State,Elapsed,ExitCode,NodeList,Reason"
-    proc = _run(["sacct", "-X", "--parsable2", "--noheader", "-o", fields, "-j", ",".join(job_ids)])
-    if proc.returncode != 0:
-        return None  # accounting disabled or slurmdbd down: fall back to squeue
+    try:
+        proc = _run(["sacct", "-X", "--parsable2", "--noheader", "-o", SACCT_FIELDS, "-j", ",".join(base_ids)])
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        last_sacct_error = f"{type(exc).__name__}: {exc}"
+        return None
+    if proc.returncode != 0:  # accounting disabled or slurmdbd down: fall back to squeue
+        last_sacct_error = (proc.stderr or proc.stdout or f"exit code {proc.returncode}").strip().splitlines()[-1:] or [""]
+        last_sacct_error = last_sacct_error[0][:300] or f"exit code {proc.returncode}"
+        return None
+    last_sacct_error = ""
+    return parse_sacct(proc.stdout)
+
+
+last_sacct_error = ""  # why the last sacct call gave no answer ("" when it did)
+
+
+def accounting_disabled(error: str) -> bool:
+    """sacct's answer when the cluster has no accounting at all (not a passing slurmdbd hiccup)."""
+    text = error.lower()
+    return "disabled" in text or "no sacct" in text or "not configured" in text
+
+
+def parse_sacct(text: str) -> Dict[str, JobInfo]:
     out: Dict[str, JobInfo] = {}
-    for line in proc.stdout.splitlines():
+    for line in text.splitlines():
         parts = line.split("|")
         if len(parts) < 6:
             continue
         jid, raw, elapsed, exit_code, node, reason = parts[:6]
+        if "." in jid:  # a job step (no -X on some wrappers)
+            continue
         info = JobInfo(jid, map_state(raw), raw, elapsed, exit_code, node, reason)
         for key in _expand_array_id(jid):
             out[key] = info if key == jid else JobInfo(key, info.state, raw, elapsed, exit_code, node, reason)
     return out
+
+
+# kept for callers of the earlier name
+_sacct = sacct_jobs
 
 
 def _expand_array_id(jid: str) -> List[str]:
@@ -104,20 +142,20 @@ def _expand_array_id(jid: str) -> List[str]:
     base, spec = match.group(1), match.group(2).split("%")[0]
     ids = []
     for part in spec.split(","):
-        if "-" in part:
-            lo, hi = part.split("-")
-            ids += [f"{base}_{i}" for i in range(int(lo), int(hi) + 1)]
-        else:
-            ids.append(f"{base}_{part}")
+        try:
+            if "-" in part:
+                lo, hi = part.split("-")
+                ids += [f"{base}_{i}" for i in range(int(lo), int(hi) + 1)]
+            else:
+                ids.append(f"{base}_{int(part)}")
+        except ValueError:
+            continue
     return ids + [jid]
 
 
-def _squeue(job_ids: List[str]) -> Dict[str, JobInfo]:
+def parse_squeue(text: str) -> Dict[str, JobInfo]:
     out: Dict[str, JobInfo] = {}
-    if not shutil.which("squeue"):
-        return out
-    proc = _run(["squeue", "-h", "-t", "all", "-o", "%i|%T|%M|%N|%r|%F|%K", "-j", ",".join(job_ids)])
-    for line in proc.stdout.splitlines():
+    for line in text.splitlines():
         parts = line.split("|")
         if len(parts) < 5:
             continue
@@ -130,19 +168,73 @@ def _squeue(job_ids: List[str]) -> Dict[str, JobInfo]:
     return out
 
 
+def squeue_user(user: Optional[str] = None) -> Optional[Dict[str, JobInfo]]:
+    """ONE ``squeue`` call: every job of ``user`` the controller still knows (finished ones for
+    MinJobAge). None when squeue is missing or fails."""
+    if not shutil.which("squeue"):
+        return None
+    import getpass
+
+    try:
+        proc = _run(["squeue", "-h", "-t", "all", "-u", user or getpass.getuser(), "-o", SQUEUE_FORMAT])
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    return parse_squeue(proc.stdout)
+
+
+def _squeue(job_ids: List[str]) -> Dict[str, JobInfo]:
+    if not shutil.which("squeue"):
+        return {}
+    proc = _run(["squeue", "-h", "-t", "all", "-o", SQUEUE_FORMAT, "-j", ",".join(job_ids)])
+    return parse_squeue(proc.stdout)
+
+
 def query(job_ids: Iterable[str]) -> Dict[str, JobInfo]:
-    """State of every job id (``123``, ``123_4``) in one scheduler call; missing ids are absent."""
+    """Uncached: the state of every job id (``123``, ``123_4``) in one scheduler call (two while
+    sacct lags). Status reads use :func:`hpc_jobs.poller.query` instead."""
     ids = sorted({str(j) for j in job_ids if j})
     if not ids:
         return {}
     base_ids = sorted({j.split("_")[0] for j in ids})
-    result = _sacct(base_ids)
+    result = sacct_jobs(base_ids)
     if result is None:
         return _squeue(base_ids)
     missing = [j for j in base_ids if j not in result and not any(k.startswith(j + "_") for k in result)]
     if missing:  # sacct lags squeue by a second right after submission
         result.update(_squeue(missing))
     return result
+
+
+def parse_elapsed(text: str) -> Optional[int]:
+    """Slurm durations (``1-02:03:04``, ``02:03:04``, ``3:04``) -> seconds; None if unreadable."""
+    text = (text or "").strip()
+    if not text or text in ("INVALID", "UNLIMITED", "Partition_Limit"):
+        return None
+    days = 0
+    if "-" in text:
+        d, _, text = text.partition("-")
+        try:
+            days = int(d)
+        except ValueError:
+            return None
+    try:
+        nums = [int(float(x)) for x in text.split(":")]
+    except ValueError:
+        return None
+    while len(nums) < 3:
+        nums.insert(0, 0)
+    h, m, s = nums[-3:]
+    return days * 86400 + h * 3600 + m * 60 + s
+
+
+def format_elapsed(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    d, rest = divmod(seconds, 86400)
+    h, rest = divmod(rest, 3600)
+    m, s = divmod(rest, 60)
+    return (f"{d}-" if d else "") + f"{h:02d}:{m:02d}:{s:02d}"
 
 
 def cancel(job_ids: Iterable[str]) -> None:

@@ -29,6 +29,10 @@ START_HINT = "Start it with: sudo python -m hpc_jobs.devcluster up"
 
 _HERE = Path(__file__).resolve().parent
 
+# Status polls back off to one scheduler call per 30 s by default; the tests wait on states, so
+# let the shared poller look every 5 s at most.
+os.environ.setdefault("HPC_JOBS_POLL_MAX_S", "5")
+
 
 def pytest_collection_modifyitems(config, items):
     for item in items:

@@ -1,0 +1,344 @@
+"""What ``status`` shows: progress from heartbeats (fresh, stale, missing, partial), the last
+metric, the rich table (bar + ETA), failures with Slurm state, exit code, log tail and hint;
+``--watch`` ending with the run; ``logs --attempt``; ``report``; ``debug`` on the local backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from hpc_jobs import cli
+from hpc_jobs.ledger import Run
+from hpc_jobs.status import last_metric, log_attempts, parse_heartbeat, read_progress, stage_states
+from tests.pipeline_helpers import REPO, cli as run_cli, launch_json
+from tests.unit.test_poller import FakeSlurm
+
+NOW = 1_800_000_000.0
+
+
+# -- heartbeat parsing ---------------------------------------------------------------------------
+def _hb(**fields) -> str:
+    base = {"step": 250, "total_steps": 1000, "epoch": 0.5, "epochs": 2, "loss": 0.4321, "rate": 5.0,
+            "samples_per_s": 40.0, "eta_s": 150.0, "time": NOW - 10, "host": "n1", "pid": 1, "phase": "train"}
+    base.update(fields)
+    return json.dumps(base)
+
+
+def test_fresh_heartbeat():
+    p = parse_heartbeat(_hb(), "RUNNING", now=NOW, stale_s=600)
+    assert p["fraction"] == 0.25 and not p["stale"] and p["age_s"] == 10
+    assert p["eta_s"] == 140  # written 10 s ago
+
+
+def test_stale_heartbeat_only_while_running():
+    old = _hb(time=NOW - 3600)
+    assert parse_heartbeat(old, "RUNNING", now=NOW, stale_s=600)["stale"] is True
+    assert parse_heartbeat(old, "COMPLETED", now=NOW, stale_s=600)["stale"] is False
+
+
+def test_missing_partial_and_garbled_heartbeats_never_raise(tmp_path):
+    assert read_progress(tmp_path, "RUNNING") is None  # no file
+    assert parse_heartbeat(None) is None
+    assert parse_heartbeat('{"step": 12, "total_st', "RUNNING")["unreadable"] is True  # half-written
+    assert parse_heartbeat("[1, 2]", "RUNNING")["unreadable"] is True
+    p = parse_heartbeat(json.dumps({"step": "x", "total_steps": None, "time": "yesterday"}), "RUNNING", now=NOW)
+    assert p["fraction"] is None and p["eta_s"] is None and p["stale"] is False
+    p = parse_heartbeat(json.dumps({"step": 5, "total_steps": 0}), "RUNNING", now=NOW)
+    assert p["fraction"] is None
+    # a data-prep heartbeat: step/total only, no ETA field: computed from the rate when there is one
+    p = parse_heartbeat(json.dumps({"step": 10, "total_steps": 40, "rate": 2.0, "time": NOW, "phase": "extract"}),
+                        "RUNNING", now=NOW)
+    assert p["fraction"] == 0.25 and p["eta_s"] == 15
+    # no rate either: the pace since the stage started (10 of 40 in 20 s -> 60 s to go)
+    p = parse_heartbeat(json.dumps({"step": 10, "total_steps": 40, "time": NOW}), "RUNNING", now=NOW, started=NOW - 20)
+    assert p["eta_s"] == 60
+
+
+def test_last_metric_prefers_validation_rows(tmp_path):
+    (tmp_path / "metrics.csv").write_text("step,epoch,split,loss,spearman\n10,0.5,train,0.9,\n20,1.0,train,0.7,\n"
+                                          "20,1.0,val,0.8,0.61\n30,1.5,train,0.5,\n")
+    assert last_metric(tmp_path) == "val loss=0.8 spearman=0.61 @20"
+    (tmp_path / "metrics.csv").write_text("step,epoch,split,loss\n10,0.5,train,0.9\n")
+    assert last_metric(tmp_path) == "loss=0.9 @10"
+    (tmp_path / "metrics.csv").unlink()
+    assert last_metric(tmp_path, {"loss": 0.25}) == "loss=0.25"
+
+
+# -- a run on disk -------------------------------------------------------------------------------
+def _make_run(root: Path, backend: str = "local", name: str = "r1") -> Run:
+    run = Run.create(root / "runs", "demo", name)
+    stages = {}
+    order = ["prep", "train", "evaluate"]
+    for n, stage in enumerate(order):
+        stages[stage] = {"name": stage, "where": "batch", "depends_on": order[n - 1:n], "array": None,
+                         "state": "PLANNED", "jobs": [], "resources": {}, "inputs": {}, "outputs": {}}
+        run.stage_dir(stage).mkdir(parents=True)
+    run.record.update(backend=backend, cluster=backend, order=order, stages=stages, created="2026-01-01T00:00:00")
+    run.save()
+    return run
+
+
+def _marker(run: Run, stage: str, **fields) -> None:
+    (run.stage_dir(stage) / "state.json").write_text(json.dumps(fields))
+
+
+def test_table_shows_bar_eta_and_metric(tmp_path):
+    run = _make_run(tmp_path)
+    run.record["stages"]["prep"].update(state="COMPLETED", started=NOW - 100, ended=NOW - 90, exit_code=0)
+    run.record["stages"]["train"].update(state="RUNNING", started=NOW - 60)
+    run.save()
+    _marker(run, "prep", state="COMPLETED", result={"frames": 10}, host="n1")
+    (run.stage_dir("train") / "heartbeat.json").write_text(_hb(time=time.time() - 2))
+    states = stage_states(run)
+    assert states["train"].progress["fraction"] == 0.25
+    text = cli.status_text(run, states)
+    row = next(line for line in text.splitlines() if line.strip().startswith("train"))
+    assert "RUNNING" in row and "25%" in row and "250/1000" in row and "ETA 0:02:" in row
+    assert "█" in row or "#" in row
+    assert "loss=0.4321" in row
+    assert "frames=10" in text
+
+
+def test_table_flags_a_stale_heartbeat(tmp_path, monkeypatch):
+    monkeypatch.setenv("HPC_JOBS_STALE_MIN", "5")
+    run = _make_run(tmp_path)
+    run.record["stages"]["train"].update(state="RUNNING", started=NOW)
+    run.save()
+    (run.stage_dir("train") / "heartbeat.json").write_text(_hb(time=time.time() - 1800))
+    states = stage_states(run)
+    assert states["train"].progress["stale"]
+    row = next(l for l in cli.status_text(run, states).splitlines() if l.strip().startswith("train"))
+    assert "STALE" in row and "ETA" not in row
+
+
+def test_failed_local_stage_shows_exit_code_log_tail_and_hint(tmp_path):
+    run = _make_run(tmp_path)
+    run.record["stages"]["prep"].update(state="COMPLETED", exit_code=0)
+    run.record["stages"]["train"].update(state="FAILED", exit_code=1)
+    run.record["stages"]["evaluate"].update(state="CANCELLED", reason="upstream stage train did not complete")
+    run.save()
+    log = run.stage_dir("train") / "local" / "rank0.log"
+    log.parent.mkdir()
+    log.write_text("step 1\nTraceback (most recent call last):\n  File \"x.py\", line 3\n"
+                   "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n")
+    _marker(run, "train", state="FAILED", error="OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    states = stage_states(run)
+    assert states["train"].hint["cause"] == "cuda_oom"
+    assert states["evaluate"].hint["cause"] == "dependency" and "'train'" in states["evaluate"].hint["hint"]
+    text = cli.status_text(run, states)
+    assert "hint: GPU out of memory" in text and "CUDA out of memory. Tried to allocate" in text
+    assert "exit code 1" in text
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    f = FakeSlurm(tmp_path / "fake")
+    for tool in ("sbatch",):  # slurm.available() looks for sbatch
+        (f.bin / tool).write_text("#!/bin/sh\nexit 0\n")
+        (f.bin / tool).chmod(0o755)
+    for key, value in f.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("HPC_JOBS_HOME", str(tmp_path / "home"))
+    return f
+
+
+def test_slurm_failure_shows_the_slurm_state_and_one_query_for_the_run(tmp_path, fake_slurm):
+    fake_slurm.set(jobs={"11": {"state": "COMPLETED"}, "12": {"state": "OUT_OF_MEMORY", "exit": "0:125"},
+                         "13": {"state": "CANCELLED"}})
+    run = _make_run(tmp_path, backend="slurm")
+    for stage, jid in (("prep", "11"), ("train", "12"), ("evaluate", "13")):
+        run.record["stages"][stage].update(state="SUBMITTED", jobs=[{"job_id": jid}])
+    run.save()
+    err = run.stage_dir("train") / "slurm" / "12_0_log.err"
+    err.parent.mkdir()
+    err.write_text("submitit INFO - Starting with JobEnvironment(job_id=12)\n"
+                   "slurmstepd: error: Detected 1 oom-kill event(s) in StepId=12.0.\n")
+    states = stage_states(run)
+    assert fake_slurm.calls() == 1
+    assert states["train"].state == "OUT_OF_MEMORY" and states["train"].exit_code == "0:125"
+    assert states["train"].hint["cause"] == "host_oom"
+    assert states["evaluate"].hint["cause"] == "dependency"
+    text = cli.status_text(run, states)
+    assert "OUT_OF_MEMORY" in text and "exit code 0:125" in text and "--mem" in text and "oom-kill" in text
+    stage_states(run)
+    assert fake_slurm.calls() == 1, "a second read within the interval is served from the cache"
+
+
+def test_marker_newer_than_the_cache_triggers_an_urgent_refresh(tmp_path, fake_slurm, monkeypatch):
+    monkeypatch.setenv("HPC_JOBS_POLL_MIN_S", "2")  # wide enough for a loaded machine
+    fake_slurm.set(jobs={"21": {"state": "RUNNING"}})
+    run = _make_run(tmp_path, backend="slurm")
+    run.record["stages"]["prep"].update(state="SUBMITTED", jobs=[{"job_id": "21"}])
+    run.save()
+    assert stage_states(run)["prep"].state == "RUNNING"
+    stage_states(run)
+    assert fake_slurm.calls() == 1
+    time.sleep(2.2)
+    fake_slurm.set(jobs={"21": {"state": "COMPLETED"}})
+    _marker(run, "prep", state="COMPLETED", job_id="21", result={})
+    assert stage_states(run)["prep"].state == "COMPLETED"  # not the cached RUNNING for 30 s
+    assert fake_slurm.calls() == 2
+
+
+def test_log_attempts_split_a_requeued_jobs_file(tmp_path, monkeypatch):
+    run = _make_run(tmp_path, backend="slurm")
+    run.record["stages"]["train"].update(jobs=[{"job_id": "31"}], history=[{"job_ids": ["30"]}, {"job_ids": ["31"]}])
+    run.save()
+    folder = run.stage_dir("train") / "slurm"
+    folder.mkdir()
+    (folder / "30_0_log.err").write_text("submitit INFO - Starting with JobEnvironment(job_id=30)\nboom\n")
+    (folder / "30_0_log.out").write_text("first\n")
+    (folder / "31_0_log.err").write_text("submitit INFO - Starting with JobEnvironment(job_id=31)\nsignal USR2\n"
+                                         "submitit INFO - Starting with JobEnvironment(job_id=31)\ndone\n")
+    (folder / "31_0_log.out").write_text("[hpc_jobs] attempt 1\nA\n[hpc_jobs] attempt 2\nB\n")
+    attempts = log_attempts(run, "train")
+    assert [(a.job_id, a.how) for a in attempts] == [("30", "submitted"), ("31", "resubmitted (resume)"),
+                                                     ("31", "requeued")]
+    monkeypatch.setenv("HPC_JOBS_HOME", str(tmp_path))
+    out = _capture(["logs", str(run.dir), "train", "--attempt", "3"])
+    assert "done" in out and "B" in out and "signal USR2" not in out and "\nA\n" not in out
+    out = _capture(["logs", str(run.dir), "train", "--attempt", "1"])
+    assert "boom" in out and "first" in out
+    out = _capture(["logs", str(run.dir), "train"])
+    assert "3 attempts" in out and "signal USR2" in out and "done" in out
+    # submitit's start lines in the .out file only (its logger writes to stdout there)
+    run.record["stages"]["evaluate"].update(jobs=[{"job_id": "40"}], history=[{"job_ids": ["40"]}])
+    run.save()
+    folder = run.stage_dir("evaluate") / "slurm"
+    folder.mkdir()
+    (folder / "40_0_log.out").write_text("setup line\nsubmitit INFO - Starting with JobEnvironment(job_id=40)\none\n"
+                                         "submitit INFO - Starting with JobEnvironment(job_id=40)\ntwo\n")
+    (folder / "40_0_log.err").write_text("Traceback: preempted\n")
+    attempts = log_attempts(run, "evaluate")
+    assert [a.how for a in attempts] == ["submitted", "requeued"]
+    first = _capture(["logs", str(run.dir), "evaluate", "--attempt", "1"])
+    assert "setup line" in first and "one" in first and "two" not in first
+    assert "two" in _capture(["logs", str(run.dir), "evaluate", "--attempt", "-1"])
+
+
+def _capture(argv) -> str:
+    proc = subprocess.run([sys.executable, "launch.py", *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_watch_returns_when_the_run_ends(tmp_path, capsys):
+    run = _make_run(tmp_path)
+    for stage in ("prep", "train"):
+        run.record["stages"][stage].update(state="COMPLETED", exit_code=0)
+    run.record["stages"]["evaluate"].update(state="RUNNING", started=time.time())
+    run.save()
+
+    def finish():
+        time.sleep(1.0)
+        r = Run(run.dir)
+        r.record["stages"]["evaluate"].update(state="COMPLETED", ended=time.time(), exit_code=0)
+        r.save()
+
+    threading.Thread(target=finish, daemon=True).start()
+    start = time.monotonic()
+    code = cli.watch(Run(run.dir), interval=0.2, max_s=30)
+    assert code == 0 and time.monotonic() - start < 10
+    out = capsys.readouterr().out
+    assert "RUNNING" in out and out.count("-- ") >= 2  # the first view and the final one
+
+
+def test_watch_exit_code_is_1_when_a_stage_failed(tmp_path):
+    run = _make_run(tmp_path)
+    run.record["stages"]["prep"].update(state="FAILED", exit_code=1)
+    for stage in ("train", "evaluate"):
+        run.record["stages"][stage].update(state="CANCELLED")
+    run.save()
+    assert cli.watch(Run(run.dir), interval=0.1, max_s=10) == 1
+
+
+def test_report_links_losses_png_and_lists_final_metrics(tmp_path, monkeypatch):
+    run = _make_run(tmp_path)
+    for stage in ("prep", "train", "evaluate"):
+        run.record["stages"][stage].update(state="COMPLETED", exit_code=0, started=NOW, ended=NOW + 5)
+    run.save()
+    (run.stage_dir("train") / "losses.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (run.stage_dir("train") / "tb").mkdir()
+    _marker(run, "train", state="COMPLETED", started="2026-01-01T00:00:00+00:00", ended="2026-01-01T00:01:40+00:00",
+            result={"best": {"spearman": 0.93}, "steps": 100})
+    (run.stage_dir("evaluate") / "metrics.json").write_text(json.dumps({"spearman": 0.91, "l2": 12.5}))
+    monkeypatch.setenv("HPC_JOBS_HOME", str(tmp_path))
+    out = _capture(["report", str(run.dir)])
+    path = Path(out.strip())
+    assert path == run.dir / "report.md"
+    text = path.read_text()
+    assert "](stages/train/losses.png)" in text
+    assert "| best.spearman | 0.93 |" in text and "metrics.json: spearman" in text
+    assert "| train | COMPLETED |" in text and "0:01:40" in text
+    assert "tensorboard --logdir stages/train/tb" in text
+    html = _capture(["report", str(run.dir), "--format", "html"])
+    assert 'src="stages/train/losses.png"' in Path(html.strip()).read_text()
+
+
+# -- the commands on the local backend (the demo runs in seconds) --------------------------------
+@pytest.fixture(scope="module")
+def local_demo(tmp_path_factory):
+    home = tmp_path_factory.mktemp("mon")
+    out = launch_json(home, "demo", "--cluster", "local", "--run-name", "src", "--set", "epochs=5",
+                      "--set", "more_epochs=5")
+    assert not out["failed"]
+    return home
+
+
+def test_status_json_keeps_its_keys_and_adds_the_new_ones(local_demo):
+    data = json.loads(run_cli(local_demo, "status", "src", "--json").stdout)
+    assert data["finished"] is True
+    for s in data["stages"]:
+        for key in ("name", "state", "job_ids", "elapsed", "exit_code", "result", "error", "tasks", "progress",
+                    "node", "metric", "hint", "log_tail"):
+            assert key in s, key
+    watch = run_cli(local_demo, "status", "src", "--watch", "--interval", "0.2", timeout=60)
+    assert "COMPLETED" in watch.stdout
+
+
+def test_debug_locally_without_a_terminal_runs_the_stage_and_records_a_debug_run(local_demo):
+    proc = run_cli(local_demo, "debug", "demo", "--stage", "train", "--cluster", "local", "--from-run", "src",
+                   "--set", "epochs=3", "--run-name", "dbg1", check=False, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "config differs" in proc.stdout and "epochs" in proc.stdout
+    data = json.loads(run_cli(local_demo, "status", "dbg1", "--json").stdout)
+    assert data["debug"] is True
+    st = {s["name"]: s for s in data["stages"]}
+    assert st["train"]["state"] == "COMPLETED" and st["train"]["result"]["step"] == 3
+    assert st["shard"]["state"] == "COMPLETED" and st["evaluate"]["state"] == "SKIPPED"
+    run_dir = Path(data["run_dir"])
+    assert (run_dir / "stages" / "shard").is_symlink()
+    assert json.loads((run_dir / "run.json").read_text())["debug"] is True
+
+
+def test_debug_refuses_a_stage_with_inputs_and_no_source_run(local_demo):
+    proc = run_cli(local_demo, "debug", "demo", "--stage", "train", "--cluster", "local", check=False)
+    assert proc.returncode == 2 and "--from-run" in proc.stderr
+    proc = run_cli(local_demo, "debug", "demo", "--stage", "nope", "--cluster", "local", check=False)
+    assert proc.returncode == 2 and "no stage 'nope'" in proc.stderr
+
+
+def test_debug_break_stops_in_pdb_through_a_pty(local_demo):
+    pexpect = pytest.importorskip("pexpect")
+    env = dict(os.environ, HPC_JOBS_HOME=str(local_demo), PYTHONUNBUFFERED="1")
+    child = pexpect.spawn(sys.executable, ["launch.py", "debug", "demo", "--stage", "train", "--cluster", "local",
+                                           "--from-run", "src", "--break", "--run-name", "dbg2"],
+                          cwd=str(REPO), env=env, encoding="utf-8", timeout=90)
+    try:
+        child.expect(r"\(Pdb\)")
+        child.sendline("p ctx.stage")
+        child.expect("'train'")
+        child.sendline("c")
+        child.expect("stage train completed")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
