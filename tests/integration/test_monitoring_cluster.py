@@ -203,7 +203,13 @@ def test_debug_breakpoint_in_an_allocation(slurm_cluster, source_run):
     st = {s["name"]: s for s in data["stages"]}
     assert data["debug"] is True and st["train"]["state"] == "COMPLETED"
     assert st["train"]["job_ids"] == [job_id] and st["train"]["result"]["step"] == 5
+    # right after an allocation ends, sacct can show a partial record (no partition, a default
+    # name) for a few seconds: wait for the whole one
+    deadline = time.monotonic() + 30
     rec = sacct(job_id)
+    while not (rec and rec[0]["Partition"]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        rec = sacct(job_id)
     assert rec and rec[0]["JobName"] == "demo.train.debug" and rec[0]["Partition"] == "batch"
 
 
