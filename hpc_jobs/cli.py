@@ -313,7 +313,20 @@ def _note(st) -> str:
         notes.append(_fmt_result(st.result))
     if st.error and not st.hint:
         notes.append(st.error[:80])
+    if getattr(st, "interruptions", None):
+        notes.append(interruptions_note(st.interruptions))
     return "  ".join(notes)
+
+
+def interruptions_note(items: List[Dict[str, Any]]) -> str:
+    """``interrupted 2x: TIMEOUT@step 34, PREEMPTED@step 74`` (the last four causes)."""
+    words = []
+    for i in items[-4:]:
+        where = f"@step {i['step']}" if i.get("step") is not None else ""
+        task = f"[{i['task']}]" if i.get("task") is not None else ""
+        words.append(f"{i.get('cause') or 'UNKNOWN'}{task}{where}")
+    more = ", ..." if len(items) > 4 else ""
+    return f"interrupted {len(items)}x: " + ", ".join(words) + more
 
 
 def render_status(run, states, footer: str = ""):

@@ -249,6 +249,41 @@ class RunEnv:
             gpus=_visible_gpus(env),
         )
 
+    def stop_cause(self, run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+                   now: float | None = None) -> str | None:
+        """Why the requeue signal came, asked of the controller when it arrives: ``PREEMPTED``
+        (Slurm chose this run of the job for preemption: PreemptTime is set), ``TIMEOUT`` (the
+        time limit is within the signal lead plus Slurm's 30 s check interval and a margin), else
+        ``REQUEUED`` (``scancel --signal``, ``scontrol requeue``, a site script). None outside
+        Slurm or when scontrol does not answer. Never raises."""
+        import datetime as _dt
+        import time as _time
+
+        target = self.requeue_target
+        if target is None:
+            return None
+        try:
+            result = run(["scontrol", "show", "job", "-o", target], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if result.returncode != 0:
+            return None
+        fields = dict(tok.split("=", 1) for tok in (result.stdout or "").split() if "=" in tok)
+
+        def stamp(name: str) -> float | None:
+            try:
+                return _dt.datetime.fromisoformat(fields.get(name, "")).timestamp()
+            except ValueError:
+                return None
+
+        preempted, started, end = stamp("PreemptTime"), stamp("StartTime"), stamp("EndTime")
+        if preempted is not None and (started is None or preempted >= started):
+            return "PREEMPTED"
+        lead = float(os.environ.get("HPC_JOBS_SIGNAL_LEAD_S") or 300)
+        if end is not None and end - (_time.time() if now is None else now) <= lead + 60:
+            return "TIMEOUT"
+        return "REQUEUED"
+
     def requeue(self, run: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> bool:
         """Ask Slurm to requeue this job (array tasks by ``ARRAYJOB_TASK``). Returns False outside
         Slurm or when ``scontrol`` refuses (its message goes to stderr); never raises."""

@@ -24,5 +24,12 @@ class RunLockedError(UserError):
     """Another launch or resume holds the run directory's lock."""
 
 
+class SubmitError(UserError):
+    """``sbatch`` refused a job. Stages submitted before it stay in the ledger and keep running;
+    ``resume`` submits the rest once the cause is fixed (exit code 1: something may be queued)."""
+
+    exit_code = 1
+
+
 class StageInputError(RuntimeError):
     """Inside a job: an upstream output is missing or incomplete. Raised in the job's first seconds."""

@@ -64,18 +64,29 @@ def read_json(path: os.PathLike, default: Any = None, *, corrupt_ok: bool = Fals
 def exclusive_lock(path: os.PathLike, holder: str) -> Iterator[None]:
     """Non-blocking exclusive flock on ``path``; raises BlockingIOError with the holder's note."""
     import fcntl
+    import time
 
     path = Path(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    locked = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            with open(path) as fh:
-                raise BlockingIOError(fh.read().strip() or "another process") from None
+            note = ""
+            for _ in range(50):  # the holder writes its note just after taking the lock: wait up to 1 s
+                with open(path) as fh:
+                    note = fh.read().strip()
+                if note:
+                    break
+                time.sleep(0.02)
+            raise BlockingIOError(note or "another process") from None
+        locked = True
         os.ftruncate(fd, 0)
         os.write(fd, holder.encode())
         os.fsync(fd)
         yield
     finally:
+        if locked:
+            os.ftruncate(fd, 0)  # a note in the file always names the current holder
         os.close(fd)  # closing releases the flock

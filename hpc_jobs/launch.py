@@ -21,7 +21,7 @@ from . import config as cfgmod
 from . import profiles as profmod
 from . import render as rendermod
 from . import workflow as wfmod
-from .errors import PreflightError, UserError
+from .errors import PreflightError, SubmitError, UserError
 from .ledger import Run, new_run_id
 from .profiles import ClusterProfile
 from .runtime import StageRunner, write_runner
@@ -406,15 +406,18 @@ def submit_batch_stages(run: Run, names: Sequence[str], echo: Echo) -> None:
             res = entry["resources"]
             n_tasks = res["nodes"] * (res["tasks_per_node"] or max(1, res["gpus_per_node"]))
             timeout_min = max(1, int(_time_s(res["time"]) // 60))
-            if entry.get("array"):
-                size = _array_len(job.array)
-                runners = [runner.for_task(offset + i) for i in range(size)]
-                offset += size
-                job_id = backend.submit(folder, text, runners, n_tasks, timeout_min, array=True)
-                jobs.append({"job_id": job_id, "array": job.array, "first_task": offset - size, "script": job.script_path})
-            else:
-                job_id = backend.submit(folder, text, [runner], n_tasks, timeout_min, array=False)
-                jobs.append({"job_id": job_id, "script": job.script_path})
+            try:
+                if entry.get("array"):
+                    size = _array_len(job.array)
+                    runners = [runner.for_task(offset + i) for i in range(size)]
+                    offset += size
+                    job_id = backend.submit(folder, text, runners, n_tasks, timeout_min, array=True)
+                    jobs.append({"job_id": job_id, "array": job.array, "first_task": offset - size, "script": job.script_path})
+                else:
+                    job_id = backend.submit(folder, text, [runner], n_tasks, timeout_min, array=False)
+                    jobs.append({"job_id": job_id, "script": job.script_path})
+            except SubmitError as exc:
+                _submit_failed(run, name, jobs, exc)
         entry["jobs"] = jobs
         entry["attempts"] = int(entry.get("attempts", 0)) + 1
         entry["state"] = "SUBMITTED"
@@ -424,6 +427,18 @@ def submit_batch_stages(run: Run, names: Sequence[str], echo: Echo) -> None:
     from . import poller
 
     poller.invalidate()  # status asks the scheduler again soon, whoever asks
+
+
+def _submit_failed(run: Run, name: str, jobs: List[Dict[str, Any]], exc: Exception) -> None:
+    """sbatch refused ``name``: keep what was submitted on disk, then one line saying what to do."""
+    submitted = [n for n in run.record.get("order", []) if n != name and run.stage(n).get("state") == "SUBMITTED"]
+    if jobs:  # an array split in chunks: the chunks already queued belong to the ledger too
+        run.stage(name)["jobs"] = jobs
+        run.stage(name)["state"] = "SUBMITTED"
+    run.save()
+    kept = f"stages already queued keep running ({', '.join(submitted)}); " if submitted else "nothing was queued; "
+    raise SubmitError(f"sbatch refused stage '{name}': {exc}. {kept}fix the cause, then "
+                      f"`python launch.py resume {run.id}` submits the rest") from exc
 
 
 def _time_s(text: str) -> int:

@@ -154,6 +154,8 @@ def build_job(
 
     env = dict(profile.env)
     env.setdefault("OMP_NUM_THREADS", str(res.cpus_per_task))
+    env.setdefault("HPC_JOBS_SIGNAL", profile.signal)  # the runtime ignores it once the stage is done
+    env.setdefault("HPC_JOBS_SIGNAL_LEAD_S", str(int(profile.signal_lead_s)))  # RunEnv.stop_cause
     for key in env:
         if not ENV_KEY.match(key):
             raise UserError(f"profile {profile.name}: environment variable name '{key}' is invalid")

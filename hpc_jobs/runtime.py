@@ -40,6 +40,84 @@ def read_marker(stage_dir: Path, task: Optional[int] = None) -> Optional[Dict[st
     return read_json(marker_path(stage_dir, task))
 
 
+def attempts_path(stage_dir: Path, task: Optional[int]) -> Path:
+    return stage_dir / ("attempts.jsonl" if task is None else f"attempts.{task}.jsonl")
+
+
+def read_attempts(stage_dir: Path, task: Optional[int] = None) -> List[Dict[str, Any]]:
+    """The stage's attempt log: a ``start`` line per process start and an ``end`` line per end
+    (state, cause, step), appended by rank 0; an end nobody witnessed (SIGKILL, node loss) is
+    added at the next start from Slurm's record."""
+    import json
+
+    try:
+        lines = attempts_path(stage_dir, task).read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a crash
+        if isinstance(entry, dict):
+            out.append(entry)
+    return out
+
+
+def _append_attempt(stage_dir: Path, task: Optional[int], entry: Dict[str, Any]) -> None:
+    import json
+
+    with open(attempts_path(stage_dir, task), "a") as fh:  # one short O_APPEND write per line
+        fh.write(json.dumps({"time": time.time(), **entry}, default=str) + "\n")
+
+
+# Slurm's words that say more than the process could (it was killed or cut off from outside)
+SLURM_CAUSES = ("NODE_FAIL", "PREEMPTED", "TIMEOUT", "CANCELLED", "OUT_OF_MEMORY", "DEADLINE", "BOOT_FAIL")
+
+
+def _slurm_end_state(job_id: Optional[str], attempt: int) -> Optional[str]:
+    """How run ``attempt`` of ``job_id`` ended according to accounting (``sacct -D``); None
+    without accounting."""
+    import shutil
+    import subprocess
+
+    if not job_id or not shutil.which("sacct"):
+        return None
+    try:
+        proc = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", str(job_id)],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    states = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()] if proc.returncode == 0 else []
+    return states[attempt] if 0 <= attempt < len(states) else None
+
+
+def _close_previous_attempt(stage_dir: Path, task: Optional[int]) -> None:
+    """Give the previous attempt an end (and Slurm's cause) if the process could not write one."""
+    entries = read_attempts(stage_dir, task)
+    starts = [e for e in entries if e.get("event") == "start"]
+    if not starts:
+        return
+    last = starts[-1]
+    key = (last.get("job_id"), last.get("attempt"))
+    ends = [e for e in entries if e.get("event") == "end" and (e.get("job_id"), e.get("attempt")) == key]
+    end = ends[-1] if ends else None
+    if end is not None and (end.get("state") == "COMPLETED" or end.get("cause") in ("PREEMPTED", "TIMEOUT", "REQUEUED")):
+        return  # the engine knew why
+    slurm_state = _slurm_end_state(last.get("job_id"), int(last.get("attempt") or 0))
+    if slurm_state in SLURM_CAUSES or end is None:
+        _append_attempt(stage_dir, task, {
+            "event": "end", "job_id": key[0], "attempt": key[1], "seen": False,
+            "state": (end or {}).get("state") or slurm_state or "UNKNOWN",
+            "cause": slurm_state or "UNKNOWN", "step": (end or {}).get("step")})
+
+
+# set by StageRunner.checkpoint when submitit's own handler requeues the job (a requeue signal
+# outside the engine's fit(): during start-up, or in a stage without the engine)
+_requeue_cause: Optional[str] = None
+
+
 def _now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
@@ -160,6 +238,10 @@ class StageRunner:
         }
         if main:
             atomic_write_json(marker, {**base, "state": "RUNNING"})
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            _close_previous_attempt(stage_dir, self.task_index)
+            _append_attempt(stage_dir, self.task_index, {"event": "start", "job_id": base["job_id"],
+                                                         "attempt": base["attempt"], "host": base["host"]})
         try:
             if env.restart_count > self.max_requeues:
                 raise RequeueLimitError(
@@ -182,13 +264,21 @@ class StageRunner:
             )
             result = self.fn(ctx)
         except BaseException as exc:
-            requeued = type(exc).__name__ == "Requeued"
+            by_submitit = isinstance(exc, SystemExit) and _requeue_cause is not None
+            requeued = type(exc).__name__ == "Requeued" or by_submitit
+            cause = _requeue_cause if by_submitit else getattr(exc, "cause", None) or ("REQUEUED" if requeued else "FAILED")
             if main:
+                if not by_submitit:  # checkpoint() wrote that end already
+                    _append_attempt(stage_dir, self.task_index, {
+                        "event": "end", "job_id": base["job_id"], "attempt": base["attempt"],
+                        "state": "REQUEUED" if requeued else "FAILED", "cause": cause,
+                        "step": getattr(exc, "step", None), "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]})
                 atomic_write_json(
                     marker,
                     {
                         **base,
                         "state": "REQUEUED" if requeued else "FAILED",
+                        "cause": cause,
                         "ended": _now(),
                         "elapsed_s": round(time.time() - started, 3),
                         "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500],
@@ -196,7 +286,10 @@ class StageRunner:
                     },
                 )
             raise
+        _ignore_requeue_signal()
         if main:
+            _append_attempt(stage_dir, self.task_index, {"event": "end", "job_id": base["job_id"],
+                                                         "attempt": base["attempt"], "state": "COMPLETED"})
             atomic_write_json(
                 marker,
                 {
@@ -212,9 +305,35 @@ class StageRunner:
     # submitit's Checkpointable protocol: on the requeue signal, run the same stage again. Stages
     # are idempotent (finished work is skipped) and training resumes from its last checkpoint.
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        global _requeue_cause
         import submitit
 
+        from .environment import RunEnv
+
+        env = RunEnv.detect()
+        _requeue_cause = env.stop_cause() or "REQUEUED"
+        try:  # submitit calls this on rank 0 only
+            _append_attempt(Path(self.run_dir) / "stages" / self.stage, self.task_index, {
+                "event": "end", "job_id": _slurm_job_id(), "attempt": env.restart_count, "state": "REQUEUED",
+                "cause": _requeue_cause, "step": None})
+        except OSError:
+            pass
         return submitit.helpers.DelayedSubmission(self)
+
+
+def _ignore_requeue_signal() -> None:
+    """The stage's work is done: a requeue signal from now on (the time-limit warning reaching a
+    job that is exiting) must neither requeue it nor kill it with the default action, which would
+    end a completed stage FAILED and cancel its descendants. SIG_IGN survives interpreter exit."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    name = (os.environ.get("HPC_JOBS_SIGNAL") or "USR2").upper().removeprefix("SIG")
+    signum = getattr(signal, "SIG" + name, None)
+    if signum is not None:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _slurm_job_id() -> Optional[str]:

@@ -54,6 +54,8 @@ class StageState:
     hint: Optional[Dict[str, str]] = None  # {cause, hint, evidence} when it failed
     log_tail: List[str] = field(default_factory=list)  # last lines of the error log, when it failed
     log_file: str = ""
+    # every attempt that did not complete: {job_id, attempt, task, cause, step} (runtime.read_attempts)
+    interruptions: List[Dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> Dict[str, Any]:
         return dict(self.__dict__)
@@ -501,12 +503,47 @@ def _merge(run: Run, snap, triage: bool, now: Optional[float]) -> Tuple[Dict[str
             if entry.get("job_id"):
                 st.job_ids = [str(entry["job_id"])]
             st.reason = entry.get("reason", "")
+        st.interruptions = interruptions(stage_dir, entry)
         st.progress = read_progress(stage_dir, st.state, now, _started(stage_dir, entry))
         st.metric = last_metric(stage_dir, st.progress) if st.state in ("RUNNING", "COMPLETED", *FAILED_LIKE) else ""
         out[name] = st
+    _cancelled_upstream(run, out)
     if triage:
         _triage(run, out)
     return out, disagree
+
+
+def interruptions(stage_dir: Path, entry: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The attempts of a stage that ended without completing, oldest first, each with its cause:
+    PREEMPTED, TIMEOUT, REQUEUED (a requeue signal), NODE_FAIL, CANCELLED, FAILED (a crash)..."""
+    from .runtime import read_attempts
+
+    out: List[Dict[str, Any]] = []
+    tasks = range(entry["array"]) if entry.get("array") else [None]
+    for task in tasks:
+        last: Dict[Tuple[Any, Any], Dict[str, Any]] = {}
+        for e in read_attempts(stage_dir, task):
+            if e.get("event") == "end":
+                last[(e.get("job_id"), e.get("attempt"))] = e
+        for (job_id, attempt), e in last.items():
+            if e.get("state") != "COMPLETED":
+                out.append({"job_id": job_id, "attempt": attempt, "task": task, "cause": e.get("cause"),
+                            "step": e.get("step"), "time": e.get("time")})
+    return sorted(out, key=lambda i: i.get("time") or 0)
+
+
+def _cancelled_upstream(run: Run, out: Dict[str, StageState]) -> None:
+    """A batch stage that the scheduler has forgotten (no accounting, MinJobAge passed), that never
+    started (no marker) and whose parent did not complete was cancelled by Slurm
+    (--kill-on-invalid-dep): report that, not UNKNOWN, so nothing waits for it forever."""
+    for name in run.record.get("order", []):
+        st = out.get(name)
+        if st is None or st.state != "UNKNOWN" or any(run.stage_dir(name).glob("state*.json")):
+            continue
+        bad = [p for p in run.stage(name).get("depends_on", []) if p in out and out[p].state in FAILED_LIKE]
+        if bad:
+            st.state = "CANCELLED"
+            st.reason = f"upstream stage {bad[0]} ended {out[bad[0]].state}: DependencyNeverSatisfied"
 
 
 def _newer(stage_dir: Path, task: Optional[int], than: float) -> bool:

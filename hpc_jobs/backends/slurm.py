@@ -17,6 +17,8 @@ from typing import Any, List
 import submitit
 from submitit.core import utils as submitit_utils
 
+from ..errors import SubmitError
+
 
 class RateLimiter:
     """At most ``rate`` submissions per second, never in bursts (shared by one launch)."""
@@ -85,8 +87,12 @@ class SlurmBackend:
                array: bool) -> str:
         """Submit one job (or one array chunk); return its Slurm job id."""
         executor = RenderedScriptExecutor(folder, script, self.limiter, num_tasks, timeout_min)
-        if array:
-            jobs = executor.submit_array(runners)
-            return jobs[0].job_id.split("_")[0]
-        job = executor.submit(runners[0])
+        try:
+            if array:
+                jobs = executor.submit_array(runners)
+                return jobs[0].job_id.split("_")[0]
+            job = executor.submit(runners[0])
+        except submitit_utils.FailedJobError as exc:  # sbatch exited non-zero: its stderr is the message
+            lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+            raise SubmitError(lines[-1] if lines else "sbatch failed without a message") from exc
         return str(job.job_id)

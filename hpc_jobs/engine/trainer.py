@@ -58,10 +58,11 @@ class Interrupted(Exception):
     exit_code = 1
 
     def __init__(self, message: str, *, step: int, epoch: int, checkpoint: Path, signal: int,
-                 requeued: bool = False) -> None:
+                 requeued: bool = False, cause: str | None = None) -> None:
         super().__init__(message)
         self.step, self.epoch, self.checkpoint = step, epoch, checkpoint
         self.signal, self.requeued = signal, requeued
+        self.cause = cause  # PREEMPTED / TIMEOUT / REQUEUED (RunEnv.stop_cause), None if unknown
 
 
 class Requeued(Interrupted):
@@ -518,7 +519,9 @@ class Trainer:
             self._save({}, improved=False, reason="signal")
         requeue = bool(bits & REQUEUE)
         signum = self.flag.requeue_signum if requeue else int(signal.SIGTERM)
-        requeued = False
+        requeued, cause = False, None
+        if requeue and self.dist.is_main and self.env.is_slurm:
+            cause = self.env.stop_cause()  # before the requeue: it resets the job's times
         if requeue and self.config.requeue and self.dist.is_main and self.env.is_slurm:
             requeued = self.env.requeue()
         requeued = bool(self.dist.broadcast(requeued))
@@ -529,4 +532,4 @@ class Trainer:
         message = f"{what} at step {self.step} after writing {self.last_checkpoint}"
         self._log(message)
         raise kind(message, step=self.step, epoch=self.position.epoch, checkpoint=self.last_checkpoint,
-                   signal=signum, requeued=requeued)
+                   signal=signum, requeued=requeued, cause=cause)

@@ -89,3 +89,32 @@ def test_dry_run_submits_nothing_and_preflight_rejects_bad_requests(slurm_cluste
         assert bad.stderr.count("\n") == 1, bad.stderr  # one line
     proc = cli(home, "demo", "--cluster", "devcluster", "--set", "epochs=many", check=False)
     assert proc.returncode == 2 and "not an int" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_sbatch_refusing_a_resume_is_one_line_and_a_later_resume_recovers(slurm_cluster, home):
+    """A real refusal: the run's partition is made INACTIVE before `resume`; sbatch rejects the job.
+    The user sees one `error:` line naming the stage (no traceback), exit 1, and the ledger still
+    lets a later `resume` submit it once the partition is back."""
+    import subprocess
+
+    part = f"gate{uuid.uuid4().hex[:4]}"
+    subprocess.run(["scontrol", "create", f"PartitionName={part}", "Nodes=n1,n2", "State=UP", "MaxTime=30"],
+                   check=True, capture_output=True)
+    try:
+        launch_json(home, "demo", "--cluster", "devcluster", "--partition", part, "--run-name", "gate",
+                    "--set", "fail_once=train_more")
+        states = wait_run(home, "gate", timeout=240)
+        assert states_of(states)["train_more"] == "FAILED", states
+        subprocess.run(["scontrol", "update", f"PartitionName={part}", "State=INACTIVE"], check=True)
+        proc = cli(home, "resume", "gate", check=False)
+        assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr, proc.stderr
+        errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+        assert len(errors) == 1 and "sbatch refused stage 'train_more'" in errors[0], proc.stderr
+        assert "launch.py resume" in errors[0]
+        subprocess.run(["scontrol", "update", f"PartitionName={part}", "State=UP"], check=True)
+        cli(home, "resume", "gate")
+        states = wait_run(home, "gate", timeout=240)
+        assert states_of(states) == {s: "COMPLETED" for s in states}, states
+    finally:
+        subprocess.run(["scontrol", "delete", f"PartitionName={part}"], capture_output=True)

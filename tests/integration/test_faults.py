@@ -600,8 +600,6 @@ def test_status_without_accounting(slurm_cluster, home, tmp_path):
     record("no accounting (sacct disabled)", 0, 0, states=states_of(got))
 
 
-@pytest.mark.xfail(strict=True, reason="status reports a dependency-cancelled stage as UNKNOWN once the "
-                   "scheduler forgot it and there is no accounting (see docs/reliability.md)")
 def test_without_accounting_a_forgotten_dependent_of_a_failed_stage_reads_cancelled(slurm_cluster, home, tmp_path):
     run_dir = RUNS.get("noacct-fail")
     if run_dir is None:
@@ -670,9 +668,6 @@ def test_time_limit_signal_checkpoints_requeues_and_finishes(slurm_cluster, home
 
 
 # --------------------------------------------------------------- interruption causes in `status`
-@pytest.mark.xfail(strict=True, reason="status shows only the current state of a requeued job: the "
-                   "interruptions (PREEMPTED, TIMEOUT, NODE_FAIL, REQUEUED) are not reported; see "
-                   "docs/reliability.md and the lead's core change list")
 def test_status_tells_the_interruptions_apart(slurm_cluster, home):
     expected = {"usr2": "REQUEUED", "preempt": "PREEMPTED", "timelimit": "TIMEOUT", "nodeloss": "NODE_FAIL",
                 "sigkill": "FAILED", "ckptkill": "FAILED"}

@@ -121,9 +121,6 @@ def test_a_torn_upstream_checkpoint_fails_the_next_stage_at_once_naming_what_to_
 
 
 # ------------------------------------------------------------------------------------- the run lock
-@pytest.mark.xfail(strict=True, reason="fsutil.exclusive_lock reads the holder's note without waiting for it: "
-                   "a lock taken an instant ago is reported as held by 'another process' (seen on the cluster "
-                   "with two resumes started together)")
 def test_a_lock_taken_an_instant_ago_names_its_holder(tmp_path, finished, monkeypatch):
     """The holder writes its note right after flock; a second launcher arriving in between must still
     name it (here the note comes 0.1 s after the lock, as on a busy machine)."""
@@ -175,9 +172,6 @@ def test_a_released_lock_leaves_no_stale_holder(tmp_path, finished):
 
 
 # ------------------------------------------------------ a requeue signal after the work is done
-@pytest.mark.xfail(strict=True, reason="a requeue signal that reaches a stage process after its function returned "
-                   "(the time-limit warning while the job exits) kills it with the default action: the "
-                   "stage's job ends FAILED although it completed, and Slurm cancels its descendants")
 def test_a_requeue_signal_after_the_stage_completed_does_not_fail_it(tmp_path):
     """Seen on the dev cluster: a 1-minute limit's USR2 arrived while the last attempt of a train
     stage was exiting; srun reported 'task 0: User defined signal 2' and the job ended FAILED with

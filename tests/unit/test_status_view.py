@@ -106,6 +106,27 @@ def test_table_shows_bar_eta_and_metric(tmp_path):
     assert "frames=10" in text
 
 
+def test_table_lists_the_interruptions_of_a_requeued_stage(tmp_path):
+    """The attempt log (written by the runtime) reaches the table: each attempt that did not
+    complete with its cause and step, oldest first; a completed attempt is not an interruption."""
+    run = _make_run(tmp_path)
+    run.record["stages"]["train"].update(state="RUNNING", started=NOW)
+    run.save()
+    lines = [
+        {"event": "start", "job_id": "7", "attempt": 0, "time": NOW},
+        {"event": "end", "job_id": "7", "attempt": 0, "state": "REQUEUED", "cause": "TIMEOUT", "step": 34, "time": NOW + 1},
+        {"event": "start", "job_id": "7", "attempt": 1, "time": NOW + 2},
+        {"event": "end", "job_id": "7", "attempt": 1, "state": "REQUEUED", "cause": "PREEMPTED", "step": 74, "time": NOW + 3},
+        {"event": "start", "job_id": "7", "attempt": 2, "time": NOW + 4},
+    ]
+    (run.stage_dir("train") / "attempts.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    states = stage_states(run)
+    assert [i["cause"] for i in states["train"].interruptions] == ["TIMEOUT", "PREEMPTED"]
+    row = next(l for l in cli.status_text(run, states).splitlines() if l.strip().startswith("train"))
+    assert "interrupted 2x: TIMEOUT@step 34, PREEMPTED@step 74" in row
+    assert states["prep"].interruptions == []
+
+
 def test_table_flags_a_stale_heartbeat(tmp_path, monkeypatch):
     monkeypatch.setenv("HPC_JOBS_STALE_MIN", "5")
     run = _make_run(tmp_path)
