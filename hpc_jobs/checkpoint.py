@@ -18,6 +18,7 @@ this module to verify handoffs without torch.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -234,6 +235,10 @@ def verify_checkpoint(path: str | os.PathLike, *, quick: bool = False) -> Manife
     return manifest
 
 
+#: classes that safe loading (``weights_only=True``) may rebuild besides tensors and containers
+SAFE_GLOBALS = (argparse.Namespace,)
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", verify: bool = True, *,
                     quick: bool = False, weights_only: bool = True) -> dict:
     """Verify (unless ``verify=False``) and ``torch.load`` a checkpoint. ``weights_only=True``
@@ -246,7 +251,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", verify: 
     elif not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
+        # Published research checkpoints often pickle their argparse.Namespace next to the weights
+        # (the ISC 2021 winners' do): a plain attribute bag, safe to rebuild, so allow it.
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as exc:  # pickle errors come in many types
         if weights_only and "weights_only" in str(exc):
             raise CheckpointError(

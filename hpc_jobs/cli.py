@@ -79,6 +79,7 @@ def _launch_request(workflow: str, args: argparse.Namespace, argv: List[str], pr
         overrides[key] = value
     options = wfmod.LaunchOptions(
         gpus=args.gpus if args.gpus is not None else 1,
+        gpus_given=args.gpus is not None,
         nodes=args.nodes,
         partition=args.partition,
         account=args.account,
@@ -300,6 +301,8 @@ def progress_cell(st, unicode: Optional[bool] = None) -> str:
 
 def _note(st) -> str:
     notes: List[str] = []
+    if getattr(st, "handoff", ""):
+        notes.append(f"[{st.handoff}]")
     if st.tasks:
         counts: Dict[str, int] = {}
         for value in st.tasks.values():

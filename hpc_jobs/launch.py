@@ -268,7 +268,7 @@ def record_run(plan: Plan, req: LaunchRequest, jobs: Dict[str, List[rendermod.Jo
         data_root=str(plan.profile.data_root),
         submit_rate=plan.profile.submit_rate,
         options=dataclasses.asdict(req.options),
-        preset=req.preset or plan.workflow.default_preset,
+        preset=req.preset or plan.workflow.choose_preset(req.config_file, req.overrides or {}),
         order=list(plan.pipeline.order),
         stages=stages,
         slurm_version=_slurm_version(plan.profile),

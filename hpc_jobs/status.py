@@ -56,6 +56,8 @@ class StageState:
     log_file: str = ""
     # every attempt that did not complete: {job_id, attempt, task, cause, step} (runtime.read_attempts)
     interruptions: List[Dict[str, Any]] = field(default_factory=list)
+    # how the stage starts from another's checkpoint: "resume train_v83" / "init train_v98" ("": none)
+    handoff: str = ""
 
     def as_dict(self) -> Dict[str, Any]:
         return dict(self.__dict__)
@@ -504,6 +506,8 @@ def _merge(run: Run, snap, triage: bool, now: Optional[float]) -> Tuple[Dict[str
                 st.job_ids = [str(entry["job_id"])]
             st.reason = entry.get("reason", "")
         st.interruptions = interruptions(stage_dir, entry)
+        st.handoff = ", ".join(f"{i['kind']} {i['stage']}" for i in (entry.get("inputs") or {}).values()
+                               if i.get("kind") in ("init", "resume"))
         st.progress = read_progress(stage_dir, st.state, now, _started(stage_dir, entry))
         st.metric = last_metric(stage_dir, st.progress) if st.state in ("RUNNING", "COMPLETED", *FAILED_LIKE) else ""
         out[name] = st

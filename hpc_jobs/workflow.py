@@ -36,6 +36,9 @@ class LaunchOptions:
     """The command-line resources a workflow sizes its stages with."""
 
     gpus: int = 1
+    #: whether ``--gpus`` was given: a workflow whose stages carry their own GPU counts (a paper
+    #: preset's) keeps them unless the user asked for a count on the command line
+    gpus_given: bool = False
     nodes: int = 1
     partition: Optional[str] = None
     account: Optional[str] = None
@@ -52,6 +55,11 @@ class Workflow:
     Config: Type[Any] = None  # a dataclass with defaults for every field
     presets: Mapping[str, Mapping[str, Any]] = {}
     default_preset: Optional[str] = None
+    #: the config key naming real data (``root_dir``, ``data.root``...). When it is given (``--set``
+    #: or ``--config``), the preset is ``real_data_preset`` (the paper's settings); otherwise
+    #: ``default_preset`` (a tiny preset for the generated data set).
+    data_key: Optional[str] = None
+    real_data_preset: Optional[str] = None
 
     def __init__(self, config: Any, options: LaunchOptions):
         self.config = config
@@ -89,7 +97,14 @@ class Workflow:
 
     @classmethod
     def choose_preset(cls, config_file: Optional[str], overrides: Mapping[str, Any]) -> Optional[str]:
-        """The preset used when none is given (a workflow may pick one from the overrides)."""
+        """The preset used when none is given: ``real_data_preset`` when ``data_key`` is set by
+        ``--set`` or the ``--config`` file, else ``default_preset``."""
+        if cls.data_key and cls.real_data_preset:
+            given = cls.data_key in overrides
+            if not given and config_file:
+                given = cls.data_key in cfgmod.flatten_mapping(cfgmod.load_yaml_file(config_file))
+            if given:
+                return cls.real_data_preset
         return cls.default_preset
 
     @classmethod

@@ -388,18 +388,8 @@ class Diving(Workflow):
     summary = "DeepSports/MTL-AQA dive scoring, TimeSformer: download -> prepare frames -> train (DDP) -> Spearman eval"
     Config = DivingConfig
     presets = PRESETS
-
-    @classmethod
-    def choose_preset(cls, config_file, overrides) -> Optional[str]:
-        """tiny on the synthetic set (no root_dir), paper (the seed's settings) on real data."""
-        if "root_dir" in overrides:
-            return "paper"
-        if config_file:
-            from hpc_jobs.config import load_yaml_file
-
-            if "root_dir" in load_yaml_file(config_file):
-                return "paper"
-        return "tiny"
+    default_preset = "tiny"  # the generated data set
+    data_key, real_data_preset = "root_dir", "paper"  # real data: the seed's settings
 
     def build(self) -> Pipeline:
         cfg, opts = self.config, self.options

@@ -66,6 +66,7 @@ class TrainShared:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     sync_bn: bool = True          # SyncBatchNorm across ranks (GPUs only: gloo on CPUs has none)
     num_workers: Optional[int] = None
+    num_threads: Optional[int] = None  # torch threads per rank (None: the job's CPUs under Slurm)
     cpus_per_gpu: int = 8
     mem: str = "64G"
     log_every: int = 50
@@ -156,6 +157,7 @@ class IscConfig:
     eval: EvalOptions = field(default_factory=EvalOptions)
     #: fit the stages onto nodes with at most this many GPUs: a stage asking more spans
     #: ceil(asked / this) nodes with the same number of ranks (DDP world size) in all
+    #: (``--nodes N`` spreads every stage's GPUs over N nodes the same way)
     max_gpus_per_node: Optional[int] = None
 
     def validate(self) -> None:
@@ -211,11 +213,14 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # Learns the synthetic set on a CPU in minutes: a 0.57M-parameter MobileNetV3 from scratch,
     # 64 -> 80 -> 96 px, the same chain and losses; gentler hard views (a network trained from
     # scratch for minutes does not learn the seed's full-strength ones) and a memory bank that
-    # joins after a warm-up (from scratch, descriptors drift too fast for a bank at first).
+    # joins after a warm-up (from scratch, descriptors drift too fast for a bank at first). One
+    # torch thread per rank: convolutions this small gain nothing from more, and on a shared
+    # machine a stalled OpenMP thread holds the others (measured: 2.6 min vs 4+ min locally).
     "tiny": {
         "data": {"synthetic_preset": "tiny"},
         "train": {"arch": "mobilenetv3_small_050", "hard_crop_scale": 0.3, "hard_strength": 0.15,
-                  "cpus_per_gpu": 1, "mem": "3G", "log_every": 20, "tensorboard": False, "plot": False},
+                  "cpus_per_gpu": 1, "num_threads": 1, "mem": "3G", "log_every": 20, "tensorboard": False,
+                  "plot": False},
         "train_v83": {**_TINY_STAGE, "epochs": 5, "lr": 0.1, "batch_size": 32, "input_size": 64,
                       "memory_size": 128, "memory_warmup_steps": 48, "seed": 9},
         "train_v83_cont": {**_TINY_STAGE, "epochs": 10, "lr": 0.1, "batch_size": 32, "input_size": 64,
@@ -275,7 +280,6 @@ def _layout(ctx):
 def download(ctx) -> Dict[str, Any]:
     """Login node: bring DISC21 (or write the synthetic set when no data is configured)."""
     from data.isc import synthetic
-    from data.isc.layout import Disc21
 
     cfg = ctx.config
     root = _root(ctx)
@@ -288,20 +292,22 @@ def download(ctx) -> Dict[str, Any]:
     else:
         from data.isc import download as dl
 
-        layout = Disc21(root, cfg.data.train_queries, cfg.data.train_ground_truth, cfg.data.eval_queries,
-                        cfg.data.eval_ground_truth)
-        missing = layout.check(("references", "training", "train_queries", "eval_queries"))
+        used = {"reference_images", "training_images", cfg.data.train_queries, cfg.data.eval_queries}
+        missing = dl.missing_parts(root, {p: f for p, f in dl.PARTS.items() if f in used})
         if missing and cfg.data.no_network:
-            raise UserError(f"{root}: {next(iter(missing.values()))}; data.no_network=true forbids the download")
+            raise UserError(f"{root}: {', '.join(missing.values())} missing or partly downloaded, and "
+                            "data.no_network=true forbids the download")
         summary = {}
         if missing:
-            summary = dl.download_disc21(root, base_url=cfg.data.base_url or dl.BUCKET_URL,
+            print(f"isc: downloading {', '.join(missing.values())} of DISC21 into {root}", flush=True)
+            summary = dl.download_disc21(root, parts=missing, base_url=cfg.data.base_url or dl.BUCKET_URL,
                                          workers=cfg.data.download_workers,
                                          progress=lambda part, done, total: ctx.heartbeat(step=done, total_steps=total,
                                                                                           phase=part))
+        summary = {"fetched": sum(part["fetched"] for part in summary.values())}
         kind = "real"
     ctx.output("dataset").write_text(json.dumps({"root": str(root), "kind": kind}))
-    return {"root": str(root), "kind": kind, "references": summary.get("references")}
+    return {"root": str(root), "kind": kind, **{k: summary[k] for k in ("references", "fetched") if k in summary}}
 
 
 def _device_and_dist(ctx):
@@ -348,8 +354,13 @@ def train(ctx) -> Dict[str, Any]:
     result = Trainer(task, engine_config(cfg, stage, epochs, world), ctx.out_dir, env=ctx.env,
                      init_from=init_from, resume_from=resume_from).fit()
     return {"step": result["step"], "epoch": result["epoch"], "train_loss": result["train_loss"],
-            "resumed_from": Path(result["resumed_from"]).parent.parent.name if result["resumed_from"] else None,
+            "handoff": _handoff(stage, kind if resume_from else ("init" if init_from else None)),
             "input_size": opts.input_size}
+
+
+def _handoff(stage: str, kind: Optional[str]) -> Optional[str]:
+    """``"resume train_v83"`` / ``"init train_v98"``: how this stage started, for ``status``."""
+    return f"{kind} {HANDOFFS[stage][0]}" if kind and stage in HANDOFFS else None
 
 
 def _say(ctx, message: str) -> None:
@@ -366,8 +377,9 @@ def _hand_on(ctx, task, upstream: Optional[Path], why: str, epoch: int) -> Dict[
     from hpc_jobs.engine import load_init_weights
 
     _say(ctx, f"{ctx.stage}: no training ({why}): handing on its starting weights")
+    handoff = _handoff(ctx.stage, "weights" if upstream is not None else None)
     if ctx.env is not None and not ctx.env.is_main:
-        return {"trained": False}
+        return {"trained": False, "handoff": handoff}
     torch.manual_seed(getattr(ctx.config, ctx.stage).seed)
     model = task.build_model()
     if upstream is not None:
@@ -376,7 +388,7 @@ def _hand_on(ctx, task, upstream: Optional[Path], why: str, epoch: int) -> Dict[
     save_checkpoint(path, {"format": 1, "model": model.state_dict(), "step": 0, "epoch": epoch},
                     step=0, epoch=epoch, meta={"weights_only": True, "reason": why})
     link_checkpoint(path, ctx.out_dir / "checkpoints" / "last.pt")
-    return {"trained": False, "why": why}
+    return {"trained": False, "why": why, "handoff": handoff}
 
 
 def engine_config(cfg: IscConfig, stage: str, epochs: int, world: int):
@@ -390,6 +402,7 @@ def engine_config(cfg: IscConfig, stage: str, epochs: int, world: int):
         epochs=epochs, batch_size=per_rank_batch(s.batch_size, world, s.grad_accum, stage), lr=s.lr,
         grad_accum=s.grad_accum, precision=t.precision, strategy="ddp", num_workers=t.num_workers, seed=s.seed,
         checkpoint_every_steps=t.checkpoint_every_steps, log_every=t.log_every, max_steps=t.max_steps,
+        num_threads=t.num_threads,
         sync_batchnorm=t.sync_bn and torch.cuda.is_available(), tensorboard=t.tensorboard, plot=t.plot,
     )
 
@@ -492,6 +505,8 @@ def extract(ctx) -> Dict[str, Any]:
     from models.isc import backbone_norm
 
     cfg, env = ctx.config, ctx.env
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
     layout = _layout(ctx)
     device, dist = _device_and_dist(ctx)
     try:
@@ -642,30 +657,21 @@ class Isc(Workflow):
                "extract -> DBA/NES/faiss post-process -> uAP")
     Config = IscConfig
     presets = PRESETS
+    default_preset = "tiny"  # the generated data set
+    data_key, real_data_preset = "data.root", "paper"  # real data: the seed's settings
 
-    @classmethod
-    def choose_preset(cls, config_file, overrides) -> Optional[str]:
-        """tiny on the synthetic set (no data.root), paper (the seed's settings) on real data."""
-        if "data.root" in overrides:
-            return "paper"
-        if config_file:
-            from hpc_jobs.config import load_yaml_file
-
-            if "data.root" in load_yaml_file(config_file):
-                return "paper"
-        return "tiny"
-
-    def _layout(self, asked: int) -> tuple:
-        """(nodes, GPUs per node) for a stage asking ``asked`` GPUs (0: --gpus on --nodes)."""
+    def _layout(self, stage: str, asked: int) -> tuple:
+        """(nodes, GPUs per node) for a stage asking ``asked`` GPUs (0: --gpus on each of --nodes).
+        A stage with its own GPU count (the paper preset: the seed's) keeps that many ranks in all
+        and spreads them over --nodes nodes, or over as many as ``max_gpus_per_node`` needs; an
+        explicit ``--gpus N`` gives every GPU stage N per node on each of --nodes instead."""
         opts, cap = self.options, self.config.max_gpus_per_node
-        if asked == 0:
+        if asked == 0 or opts.gpus_given:  # --gpus on the command line wins over the preset's counts
             return opts.nodes, opts.gpus
-        if cap is None or asked <= cap:
-            return 1, asked
-        nodes = math.ceil(asked / cap)
+        nodes = max(opts.nodes, math.ceil(asked / cap) if cap else 1)
         if asked % nodes:
-            raise UserError(f"{asked} GPUs do not split evenly over {nodes} nodes of at most {cap}: "
-                            "set the stage's gpus to a multiple of max_gpus_per_node")
+            raise UserError(f"{stage}: its {asked} GPUs do not split evenly over {nodes} nodes (--nodes, "
+                            f"max_gpus_per_node): choose a node count that divides {asked}, or set {stage}.gpus")
         return nodes, asked // nodes
 
     def build(self) -> Pipeline:
@@ -679,7 +685,7 @@ class Isc(Workflow):
         dataset = Input("download", "dataset")
         for name in TRAIN_STAGES:
             s: StageTrain = getattr(cfg, name)
-            nodes, gpus = self._layout(s.gpus)
+            nodes, gpus = self._layout(name, s.gpus)
             per_rank_batch(s.batch_size, nodes * max(1, gpus), s.grad_accum, name)  # fail at launch, not in the job
             inputs = {"dataset": dataset}
             if name in HANDOFFS:
@@ -692,7 +698,7 @@ class Isc(Workflow):
                                 description=f"{stage_epochs(cfg, name)} epochs at {s.input_size} px, memory "
                                             f"{s.memory_size}" + (f", {HANDOFFS[name][1]} from {HANDOFFS[name][0]}"
                                                                   if name in HANDOFFS else "")))
-        nodes, gpus = self._layout(cfg.extract.gpus)
+        nodes, gpus = self._layout("extract", cfg.extract.gpus)
         ex = cfg.extract
         stages += [
             Stage("extract", extract,

@@ -1,9 +1,11 @@
 """ISC 2021 descriptor model: timm backbone -> GeM -> Linear(C, 256, no bias) -> BatchNorm1d -> L2;
 contrastive loss inside a cross-batch memory bank.
 
-Module names follow the seed's ``ISCNet`` (``backbone.*``, ``fc.weight``, ``bn.*``), so its
-published checkpoints (``{"state_dict": {"module.backbone...": ...}}``) load through
-``hpc_jobs.engine.load_init_weights`` as they are. GeM's exponent is fixed, not learnt, with one
+Module names follow the seed's ``ISCNet`` (``backbone.*``, ``fc.weight``, ``bn.*``), so the weights
+of its published checkpoints (``{"state_dict": {"module.backbone...": ...}, "args": Namespace}``)
+match by name once ``module.`` is stripped (``hpc_jobs.engine.load_init_weights`` does that); those
+files also pickle an argparse ``Namespace``, which safe loading refuses, so re-save their
+``state_dict`` alone first. GeM's exponent is fixed, not learnt, with one
 value for training (``gem_p``) and one for extraction (``gem_eval_p``), as the seed's flags.
 
 The memory bank (XBM) keeps the last ``memory_size`` descriptors and labels of past batches; each
@@ -14,7 +16,7 @@ resumed run continues with the same bank.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn

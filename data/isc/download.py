@@ -91,12 +91,27 @@ def _fetch(base_url: str, key: str, size: int, dest: Path) -> bool:
     return True
 
 
+def _partial_marker(root: Path, folder: str) -> Path:
+    return root / f".{folder}.downloading"
+
+
+def missing_parts(root: str | os.PathLike, parts: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The parts to (re)download: folders that do not exist, and folders whose download started
+    but did not finish (a marker says so). A folder that exists without the marker is taken as the
+    user's data and left alone."""
+    root = Path(root)
+    return {prefix: folder for prefix, folder in (parts or PARTS).items()
+            if not (root / folder).is_dir() or _partial_marker(root, folder).exists()}
+
+
 def download_disc21(root: str | os.PathLike, parts: Optional[Dict[str, str]] = None, base_url: str = BUCKET_URL,
                     workers: int = 16, progress: Optional[Callable[[str, int, int], None]] = None) -> Dict[str, Dict[str, int]]:
     """Bring every part into ``root``; returns ``{folder: {"objects": n, "fetched": m}}``."""
     root = Path(root)
     report: Dict[str, Dict[str, int]] = {}
     for prefix, folder in (parts or PARTS).items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        _partial_marker(root, folder).write_text(prefix)  # removed once the part is whole
         items = list(list_prefix(prefix, base_url))
         if not items:
             raise DownloadError(f"{base_url}/{prefix} lists no objects: the bucket moved? Set data.base_url")
@@ -108,4 +123,5 @@ def download_disc21(root: str | os.PathLike, parts: Optional[Dict[str, str]] = N
                 if progress and (done % 1000 == 0 or done == len(jobs)):
                     progress(folder, done, len(jobs))
         report[folder] = {"objects": len(items), "fetched": fetched}
+        _partial_marker(root, folder).unlink()
     return report

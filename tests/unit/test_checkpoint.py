@@ -179,6 +179,26 @@ def test_weights_only_loading_refuses_pickled_code(tmp_path: Path) -> None:
         load_checkpoint(path)
 
 
+def test_a_published_checkpoint_with_an_argparse_namespace_loads_safely(tmp_path: Path) -> None:
+    """The ISC 2021 winners' checkpoints pickle their argparse.Namespace beside the weights: safe
+    loading rebuilds it (an attribute bag) and the weights are found; code is still refused."""
+    import argparse
+
+    import torch
+
+    from hpc_jobs.engine.weights import extract_state_dict
+
+    path = tmp_path / "v107.pth.tar"
+    torch.save({"epoch": 9, "arch": "tf_efficientnetv2_m", "args": argparse.Namespace(lr=0.0005, gem_p=1.0),
+                "state_dict": {"module.fc.weight": torch.ones(2, 3)}}, path)
+    raw = load_checkpoint(path, verify=False)
+    assert raw["args"].gem_p == 1.0 and raw["epoch"] == 9
+    assert list(extract_state_dict(raw)) == ["module.fc.weight"]
+    torch.save({"args": argparse.Namespace(when=datetime.date(2020, 1, 1))}, path)  # a class inside it
+    with pytest.raises(CheckpointError, match="weights_only=False"):
+        load_checkpoint(path, verify=False)
+
+
 def test_checkpoint_and_environment_do_not_import_torch() -> None:
     code = ("import sys, hpc_jobs.checkpoint, hpc_jobs.environment, hpc_jobs.engine.config; "
             "print('torch' in sys.modules)")

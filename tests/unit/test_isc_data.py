@@ -190,3 +190,35 @@ def test_download_listing_is_parsed():
   <Contents><Key>all/query_images/Q00000.jpg</Key><Size>123</Size></Contents>
 </ListBucketResult>"""
     assert parse_listing(xml) == ([("all/query_images/Q00000.jpg", 123)], "abc")
+
+
+def test_download_resumes_partial_parts_and_leaves_user_data_alone(tmp_path, monkeypatch):
+    """Against a fake bucket (no network): objects already whole are not fetched again, a part
+    whose download was cut short is finished, a folder the user brought is not touched."""
+    from data.isc import download as dl
+
+    objects = {"all/query_images/Q00000.jpg": b"abc", "all/query_images/Q00001.jpg": b"defg"}
+    fetched = []
+
+    def fake_get(url, timeout=60.0, retries=4):
+        if "?" in url:  # a listing
+            body = "".join(f"<Contents><Key>{k}</Key><Size>{len(v)}</Size></Contents>" for k, v in objects.items())
+            return (f'<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+                    f"<IsTruncated>false</IsTruncated>{body}</ListBucketResult>").encode()
+        key = url.split(".com/", 1)[1]
+        fetched.append(key)
+        return objects[key]
+
+    monkeypatch.setattr(dl, "_get", fake_get)
+    parts = {"all/query_images/": "query_images", "all/reference_images/": "reference_images"}
+    (tmp_path / "reference_images").mkdir()  # the user's own copy
+    assert dl.missing_parts(tmp_path, parts) == {"all/query_images/": "query_images"}
+    (tmp_path / "query_images").mkdir()
+    (tmp_path / "query_images" / "Q00000.jpg").write_bytes(b"abc")  # already whole
+    (tmp_path / ".query_images.downloading").write_text("x")  # an earlier run was cut short
+    assert dl.missing_parts(tmp_path, parts) == {"all/query_images/": "query_images"}
+    report = dl.download_disc21(tmp_path, parts=dl.missing_parts(tmp_path, parts), workers=2)
+    assert report == {"query_images": {"objects": 2, "fetched": 1}}
+    assert fetched == ["all/query_images/Q00001.jpg"]
+    assert (tmp_path / "query_images" / "Q00001.jpg").read_bytes() == b"defg"
+    assert dl.missing_parts(tmp_path, parts) == {}

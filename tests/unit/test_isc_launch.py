@@ -88,6 +88,14 @@ def test_discovery_has_four_gpu_nodes_so_eight_gpu_stages_span_two(tmp_path):
     # the seed's 8 ranks (DDP world size) as 2 nodes x 4 GPUs: the same per-GPU batch of 16
     assert "#SBATCH --nodes=2" in v86 and "#SBATCH --gres=gpu:v100:4" in v86 and "--ntasks-per-node=4" in v86
     assert "module load gcc/8.3.0 cuda/10.2.89" in v86
+    # or, as the preflight error suggests, --nodes 2: every stage's seed GPU count over 2 nodes
+    scripts = _scripts(launch_json(tmp_path, *args, "--nodes", "2"))
+    assert "#SBATCH --nodes=2" in scripts["train_v83"] and "#SBATCH --gres=gpu:v100:2" in scripts["train_v83"]
+    assert "#SBATCH --nodes=2" in scripts["train_v86"] and "#SBATCH --gres=gpu:v100:4" in scripts["train_v86"]
+    # an explicit --gpus wins over the seed's per-stage counts: 2 per stage, on one node
+    scripts = _scripts(launch_json(tmp_path, *args, "--gpus", "2"))
+    for stage in ("train_v83", "train_v86", "train_v107", "extract"):
+        assert "#SBATCH --nodes=1" in scripts[stage] and "#SBATCH --gres=gpu:v100:2" in scripts[stage], stage
 
 
 def test_presets_tiny_on_synthetic_paper_on_real_data(tmp_path):
@@ -100,6 +108,9 @@ def test_presets_tiny_on_synthetic_paper_on_real_data(tmp_path):
     (tmp_path / "disc21").mkdir()
     paper = Isc.make_config(overrides={"data.root": str(tmp_path / "disc21")})
     assert paper.train_v86.input_size == 384 and paper.train.arch.startswith("tf_efficientnetv2_m")
+    # the data root in a --config file, nested as YAML writes it, picks the paper preset too
+    (tmp_path / "real.yaml").write_text(f"data:\n  root: {tmp_path / 'disc21'}\n")
+    assert Isc.make_config(config_file=str(tmp_path / "real.yaml")).train_v86.input_size == 384
     both = Isc.make_config(preset="paper", overrides={"train_v86.input_size": 320, "train.epochs": 0})
     assert both.train_v86.input_size == 320 and both.train_v98.input_size == 512
     assert [stage_epochs(both, s) for s in SEED] == [0, 0, 0, 0, 0]
@@ -124,7 +135,7 @@ def test_tiny_on_the_dev_cluster_sizes_from_gpus(tmp_path):
     (["train_v98.neg_margin=0.0"], "neg_margin=0.0 must exceed pos_margin"),
     (["train_v107.extra_negatives=0"], "train_v107.extra_negatives must be at least 1"),
     (["train_v83.batch_size=30", "--gpus", "4"], "train_v83: batch_size=30 does not split over 4 rank(s)"),
-    (["max_gpus_per_node=3", "--preset", "paper"], "8 GPUs do not split evenly over 3 nodes"),
+    (["max_gpus_per_node=3", "--preset", "paper"], "train_v86: its 8 GPUs do not split evenly over 3 nodes"),
 ])
 def test_bad_isc_config_exits_2_before_anything_runs(tmp_path, sets, message):
     args = ["isc", "--cluster", "local"]

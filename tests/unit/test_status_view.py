@@ -106,11 +106,14 @@ def test_table_shows_bar_eta_and_metric(tmp_path):
     assert "frames=10" in text
 
 
-def test_table_lists_the_interruptions_of_a_requeued_stage(tmp_path):
+def test_table_lists_interruptions_and_handoffs(tmp_path):
     """The attempt log (written by the runtime) reaches the table: each attempt that did not
     complete with its cause and step, oldest first; a completed attempt is not an interruption."""
     run = _make_run(tmp_path)
     run.record["stages"]["train"].update(state="RUNNING", started=NOW)
+    run.record["stages"]["evaluate"]["inputs"] = {
+        "weights": {"stage": "train", "output": "checkpoint", "kind": "init", "per_task": False},
+        "data": {"stage": "prep", "output": "frames", "kind": "data", "per_task": False}}
     run.save()
     lines = [
         {"event": "start", "job_id": "7", "attempt": 0, "time": NOW},
@@ -125,6 +128,10 @@ def test_table_lists_the_interruptions_of_a_requeued_stage(tmp_path):
     row = next(l for l in cli.status_text(run, states).splitlines() if l.strip().startswith("train"))
     assert "interrupted 2x: TIMEOUT@step 34, PREEMPTED@step 74" in row
     assert states["prep"].interruptions == []
+    # the checkpoint handoffs are named (data inputs are not)
+    assert states["evaluate"].handoff == "init train" and states["train"].handoff == ""
+    row = next(l for l in cli.status_text(run, states).splitlines() if l.strip().startswith("evaluate"))
+    assert "[init train]" in row
 
 
 def test_table_flags_a_stale_heartbeat(tmp_path, monkeypatch):
