@@ -28,13 +28,13 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import pytest
 
 from tests.pipeline_helpers import REPO, cli, launch_json, states_of, status_json, wait_run
 
-from .conftest import JOBS_ROOT, sacct
+from .conftest import JOBS_ROOT, sacct, wait_for
 
 STEPS = 120  # faultlab defaults: 192 samples / batch 8 = 24 steps per epoch x 5 epochs
 EVERY = 10  # checkpoint_every
@@ -144,15 +144,6 @@ def squeue_state(jid: str) -> str:
                          timeout=60)
     return res.stdout.strip().splitlines()[0] if res.returncode == 0 and res.stdout.strip() else ""
 
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, poll: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def wait_training(run_dir: Path, at_least: int, attempt: int, timeout: float = 180) -> Dict[str, Any]:
