@@ -1,7 +1,15 @@
 """``python -m benchmarks [--quick]``: every benchmark, each against its baseline measured in the
 same run, written to docs/benchmarks.md (a table of ratios, the machine, the date, the versions).
 
-Nothing here asserts a time: the numbers are for reading. ``--quick`` finishes in a few minutes.
+Sections: launch (dry run; a 7-stage chain submitted), submit (a 200-task array: hpc-jobs vs bare
+sbatch vs submitit's map_array), polling (scheduler calls per hour, 1/50/500 jobs, hpc-jobs' poller
+vs submitit's watcher), training (steps/s of the tiny presets through the engine vs a bare torch
+loop), resume (requeue signal to the first step after the restart, hpc-jobs vs a submitit
+Checkpointable), data (frame extraction, loader vs model), isc (faiss vs numpy kNN, the
+post-process). The ones that submit need the dev cluster and say so when there is no Slurm.
+
+Nothing here asserts a time: the numbers are for reading. ``--quick`` finishes in about 3-4 minutes
+on a 2-core machine (under 5); a full run takes about 20.
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import traceback
 from pathlib import Path
 from typing import Callable, List, Tuple
 
@@ -46,20 +56,48 @@ def _machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, {platform.system()} {platform.release()}"
 
 
-def sections(quick: bool) -> List[Tuple[str, Callable[[], str]]]:
+def sections(quick: bool, home: Path) -> List[Tuple[str, Callable[[], str], bool]]:
+    """(title, function returning the section's markdown, whether it needs Slurm); scratch files in ``home``."""
     from benchmarks import data_bench, launch_bench
 
     reps = 3 if quick else 7
-    home = Path(tempfile.mkdtemp(prefix="hpcjobs-bench-", dir="/tmp"))
 
     def launch() -> str:
+        from benchmarks.common import have_slurm
+
         out = launch_bench.table("launch: dry-run wall time", launch_bench.bench_dry_run(reps, home),
                                  "python -c 'import submitit' (baseline)")
-        if shutil.which("sbatch"):
+        if have_slurm():
             chain = launch_bench.bench_submit_chain(reps, home)
             out += "\n\n" + launch_bench.table(f"submit: a {launch_bench.CHAIN}-stage dependency chain to the dev cluster",
                                                chain, f"bare sbatch x{launch_bench.CHAIN} (baseline)")
+        else:
+            out += "\n\n" + NO_SLURM.format(what="the submission of a dependency chain")
         return out
+
+    def submit_array() -> str:
+        from benchmarks import submit_bench
+
+        return submit_bench.report(reps, home / "submit")
+
+    def polling() -> str:
+        from benchmarks import poll_bench
+
+        real = 0.0 if quick else 300.0
+        res = poll_bench.measure(real, patterns="AB" if quick else "ABC", work=home, replay=quick)
+        return poll_bench.table(res, real, replay=quick)
+
+    def training() -> str:
+        from benchmarks import train_bench
+
+        warmup, steps = (2, 10) if quick else (5, 30)
+        return train_bench.tables(train_bench.bench_training(3 if quick else 5, warmup, steps, home / "train"),
+                                  warmup)
+
+    def resume() -> str:
+        from benchmarks import resume_bench
+
+        return resume_bench.report(2 if quick else 5, home / "resume")
 
     def data() -> str:
         from data.diving import synthetic
@@ -68,12 +106,29 @@ def sections(quick: bool) -> List[Tuple[str, Callable[[], str]]]:
         synthetic.generate(root, preset="sparse" if not quick else "ci")
         out = data_bench.table("data: frame extraction (synthetic set annotated like MTL-AQA)" if not quick
                                else "data: frame extraction (synthetic 'ci' set, 65% annotated)",
-                               data_bench.bench_extraction(root, 1 if quick else 3))
+                               data_bench.bench_extraction(root, 3))
         out += "\n\n" + data_bench.table("data: loader vs model (tiny preset, 64 px, 8 frames, CPU)",
-                                         data_bench.bench_loader_vs_model(root, 1 if quick else 3))
+                                         data_bench.bench_loader_vs_model(root, 3))
         return out
 
-    return [("launch and submit", launch), ("data", data)]
+    def isc() -> str:
+        from benchmarks import isc_bench
+
+        knn_sizes, post_sizes, isc_reps = isc_bench.sizes(quick)
+        return isc_bench.table(isc_bench.bench_knn(knn_sizes, isc_reps), isc_bench.bench_postprocess(post_sizes, isc_reps))
+
+    return [
+        ("launch and submit", launch, False),
+        ("submit: a 200-task array", submit_array, True),
+        ("polling", polling, True),
+        ("training", training, False),
+        ("resume after a requeue signal", resume, True),
+        ("data", data, False),
+        ("isc: search and post-process", isc, False),
+    ]
+
+
+NO_SLURM = "Skipped: no Slurm on this machine (no `sbatch`, or `sinfo` does not answer): {what} needs the dev cluster."
 
 
 def main(argv=None) -> int:
@@ -99,13 +154,35 @@ def main(argv=None) -> int:
         " (no GPU on this machine).",
         "",
     ]
-    for title, fn in sections(args.quick):
-        print(f"[benchmarks] {title} ...", file=sys.stderr, flush=True)
-        parts += [f"## {title}", "", fn(), ""]
-    text = "\n".join(parts)
+    from benchmarks.common import have_slurm
+
+    slurm = have_slurm()
+    started = time.monotonic()
+    took: List[str] = []
+    failed: List[str] = []
+    home = Path(tempfile.mkdtemp(prefix="hpcjobs-bench-", dir="/tmp"))
+    try:
+        for title, fn, needs_slurm in sections(args.quick, home):
+            print(f"[benchmarks] {title} ...", file=sys.stderr, flush=True)
+            t0 = time.monotonic()
+            try:
+                body = fn() if slurm or not needs_slurm else NO_SLURM.format(what="this section")
+            except Exception as exc:  # one broken section must not lose the others' figures
+                failed.append(title)
+                body = f"Failed: {type(exc).__name__}: {exc}"
+                traceback.print_exc()
+            took.append(f"{title}: {time.monotonic() - t0:.0f} s")
+            print(f"[benchmarks] {took[-1]}", file=sys.stderr, flush=True)
+            parts += [f"## {title}", "", body, ""]
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    parts.append(f"Wall time of this run: {time.monotonic() - started:.0f} s ({'; '.join(took)}).")
+    text = "\n".join(parts) + "\n"
     Path(args.output).write_text(text)
     print(text)
-    return 0
+    if failed:
+        print(f"[benchmarks] failed sections: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

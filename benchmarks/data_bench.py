@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import common  # noqa: E402
 
-def _summary(samples: List[float]) -> Dict[str, float]:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
+_summary = common.summary
 
 
 def bench_extraction(root: Path, reps: int) -> Dict[str, Dict[str, float]]:
@@ -80,11 +79,7 @@ def bench_loader_vs_model(root: Path, reps: int, batches: int = 20) -> Dict[str,
 
 
 def table(title: str, results: Dict[str, Dict[str, float]]) -> str:
-    base = next(iter(results.values()))["median"]
-    lines = [f"### {title}", "", "| what | median s | min | max | n | ratio to baseline |", "|---|---|---|---|---|---|"]
-    for name, s in results.items():
-        lines.append(f"| {name} | {s['median']:.4f} | {s['min']:.4f} | {s['max']:.4f} | {s['n']} | {s['median'] / base:.2f}x |")
-    return "\n".join(lines)
+    return common.table(title, results, digits=4)
 
 
 def main(argv=None) -> int:

@@ -92,7 +92,7 @@ def bench_postprocess(sizes: List[Tuple[int, int, int]], reps: int) -> List[Tupl
 def table(knn_rows, post_rows) -> str:
     n = knn_rows[0][1]["n"] if knn_rows else 0
     lines = ["### isc: exact kNN, faiss vs numpy (k=10, 256-d, CPU)", "",
-             f"| search | numpy matmul + argpartition, s (baseline) | faiss, s | n | ratio to baseline |",
+             "| search | numpy matmul + argpartition, s (baseline) | faiss, s | n | ratio to baseline |",
              "|---|---|---|---|---|"]
     for name, ours, base in knn_rows:
         lines.append(f"| {name} | {_cell(base, 3)} | {_cell(ours, 3)} | {n} | {ours['median'] / base['median']:.2f}x |")

@@ -9,30 +9,20 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
 CHAIN = 7
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(REPO))
 
-def timed(fn: Callable[[], None], reps: int) -> List[float]:
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-def summary(samples: List[float]) -> Dict[str, float]:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
+from benchmarks.common import summary, table, timed  # noqa: E402,F401  (table: used by benchmarks/__main__.py)
 
 
 def _python(*args: str, env=None) -> None:
@@ -134,14 +124,6 @@ def bench_submit_chain(reps: int, home: Path) -> Dict[str, Dict[str, float]]:
             results[name] += timed(fn, 1)
     clean()
     return {name: summary(samples) for name, samples in results.items()}
-
-
-def table(title: str, results: Dict[str, Dict[str, float]], baseline: str) -> str:
-    base = results[baseline]["median"]
-    lines = [f"### {title}", "", "| what | median s | min | max | n | ratio to baseline |", "|---|---|---|---|---|---|"]
-    for name, s in results.items():
-        lines.append(f"| {name} | {s['median']:.3f} | {s['min']:.3f} | {s['max']:.3f} | {s['n']} | {s['median'] / base:.2f}x |")
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:

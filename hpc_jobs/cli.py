@@ -615,7 +615,7 @@ def cmd_logs(argv: List[str]) -> int:
         attempts = log_attempts(run, stage, task, args.rank)
         if len(attempts) > 1:
             print(f"# {len(attempts)} attempts: " + ", ".join(f"{a.number} (job {a.job_id}, {a.how})" for a in attempts)
-                  + f"; the files below hold the newest job's; --attempt N shows one")
+                  + "; the files below hold the newest job's; --attempt N shows one")
     if args.attempt is None:
         for path in files:
             if len(files) > 1:

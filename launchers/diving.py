@@ -12,7 +12,6 @@ preset is used on synthetic data and ``paper`` (the seed's settings) on real dat
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional
@@ -340,8 +339,6 @@ class DivingTask:
         return {"loss": terms.total, "mse": terms.mse.detach(), "soft_spearman": terms.spearman.detach()}
 
     def validate(self, model, loader):
-        import torch
-
         device = next(model.parameters()).device
         metrics = self.evaluate_loader(model, loader, device)
         return {"spearman": metrics["spearman"], "val_mse": metrics["mse"]}

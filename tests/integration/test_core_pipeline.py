@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline_helpers import cli, job_ids, launch_json, states_of, status_json, wait_run
+from tests.pipeline_helpers import cli, job_ids, launch_json, states_of, wait_run
 
 from .conftest import JOBS_ROOT, sacct
 

@@ -2,17 +2,12 @@
 500 real jobs, failure triage and requeue/resume attempts in ``logs``, ``logs -f`` ending with the
 stage, ``status --watch``, ``report``, and interactive ``debug`` sessions through a pseudo-terminal.
 
-Also the measurement behind the numbers in docs/monitoring.md, run by hand:
+The measurement behind the polling numbers in docs/monitoring.md lives in
+benchmarks/poll_bench.py (``python -m benchmarks.poll_bench``, also a section of
+``python -m benchmarks``); this module uses its counting shim and held arrays, and still runs it
+by hand:
 
     python -m tests.integration.test_monitoring_cluster measure [--real-seconds S] [--no-simulation]
-
-It submits the SAME held job arrays (1, 50, 500 tasks) through plain submitit, then counts the
-``sacct``/``squeue`` calls (a counting shim on PATH) that submitit's own watcher and hpc-jobs'
-poller make while they watch those jobs, for three ways of watching: one long-lived watcher
-polling every second; a fresh process every 10 s (``watch -n 10``, cron, a notebook cell); three
-terminals watching at once. Time is simulated (a fake clock drives both tools' timers over one
-hour); every counted call is a real call to the cluster. ``--real-seconds`` also measures the
-long-lived pattern in real time.
 """
 
 from __future__ import annotations
@@ -20,15 +15,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import pytest
 
+from benchmarks.poll_bench import count_calls, make_shim, submit_held_array
 from tests.pipeline_helpers import REPO, cli, launch_json, status_json, states_of
 
 from .conftest import JOBS_ROOT, run, sacct
@@ -41,38 +36,6 @@ def home():
     path = JOBS_ROOT / f"mon-{uuid.uuid4().hex[:8]}"
     path.mkdir(parents=True)
     return path
-
-
-# -- a counting shim for sacct/squeue ------------------------------------------------------------
-def make_shim(folder: Path) -> Path:
-    """``sacct``/``squeue`` wrappers that log ``$HJ_CALLER tool`` to ``$HJ_COUNT``, then run the real one."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for tool in ("sacct", "squeue"):
-        real = shutil.which(tool)
-        assert real, f"no {tool} on PATH"
-        path = folder / tool
-        path.write_text(f'#!/bin/sh\necho "${{HJ_CALLER:-?}} {tool}" >> "$HJ_COUNT"\nexec {real} "$@"\n')
-        path.chmod(0o755)
-    return folder
-
-
-def count_calls(count_file: Path) -> Dict[str, int]:
-    counts: Dict[str, int] = {}
-    try:
-        lines = count_file.read_text().splitlines()
-    except FileNotFoundError:
-        return counts
-    for line in lines:
-        caller = line.split()[0]
-        counts[caller] = counts.get(caller, 0) + 1
-    return counts
-
-
-def submit_held_array(n: int, name: str) -> str:
-    proc = run("sbatch", "--parsable", "--hold", f"--array=0-{n - 1}" if n > 1 else "--array=0", f"--job-name={name}",
-               "--partition=batch", "--output=/dev/null", "--wrap=true")
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip().split(";")[0]
 
 
 # -- 1. the poller's call count with real jobs ---------------------------------------------------
@@ -232,111 +195,9 @@ def test_debug_shell_has_the_batch_jobs_environment(slurm_cluster, source_run):
     assert st["train_more"]["state"] == "COMPLETED" and st["train_more"]["result"]["step"] == 10  # resumed src's 5
 
 
-# -- the measurement (python -m tests.integration.test_monitoring_cluster measure) ----------------
-class FakeTime:
-    """A clock for submitit's watcher and our poller: an hour passes in seconds."""
-
-    def __init__(self) -> None:
-        self.t = time.time()
-
-    def time(self) -> float:
-        return self.t
-
-    def sleep(self, s: float) -> None:
-        self.t += s
-
-
-def _submit_with_submitit(folder: Path, n: int) -> List:
-    import submitit
-
-    ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
-    ex.update_parameters(timeout_min=5, slurm_partition="batch", slurm_additional_parameters={"hold": True},
-                         slurm_job_name="hj-measure")
-    return ex.map_array(abs, range(n)) if n > 1 else [ex.submit(abs, 1)]
-
-
-def measure(real_seconds: float = 0.0, simulate: bool = True) -> Dict[str, Dict[int, float]]:
-    import submitit.core.core as sub_core
-    from submitit.slurm.slurm import SlurmInfoWatcher
-
-    from hpc_jobs.poller import Poller
-
-    work = JOBS_ROOT / f"measure-{uuid.uuid4().hex[:6]}"
-    shim = make_shim(work / "shim")
-    count = work / "calls.log"
-    os.environ["PATH"] = f"{shim}{os.pathsep}{os.environ['PATH']}"
-    os.environ["HJ_COUNT"] = str(count)
-    sizes = (1, 50, 500)
-    jobs = {n: _submit_with_submitit(work / f"sub{n}", n) for n in sizes}
-    results: Dict[str, Dict[int, float]] = {}
-    real_time = sub_core._time
-    try:
-        time.sleep(2)  # let sacct see them: the lag right after submission is not what we measure
-        for n in sizes if simulate else ():
-            ids = [j.job_id for j in jobs[n]]
-            for pattern in ("A", "B", "C"):
-                clock = FakeTime()
-                sub_core._time = clock  # submitit's watcher reads time through this module attribute
-                watchers = [SlurmInfoWatcher(delay_s=600) for _ in range(3 if pattern == "C" else 1)]
-                pollers = [Poller(work / f"cache-{n}-{pattern}.json", clock=clock.time)
-                           for _ in range(3 if pattern == "C" else 1)]
-                for w in watchers:
-                    for jid in ids:
-                        w.register_job(jid)
-                step = 10.0 if pattern == "B" else 1.0
-                end = clock.t + 3600
-                while clock.t < end:
-                    for k, w in enumerate(watchers):
-                        if pattern == "B":  # a fresh process: a fresh watcher, as after `import submitit`
-                            w = SlurmInfoWatcher(delay_s=600)
-                            for jid in ids:
-                                w.register_job(jid)
-                        os.environ["HJ_CALLER"] = f"submitit-{pattern}-{n}"
-                        for jid in ids:  # `all(j.done() for j in jobs)` (done() asks the shared watcher)
-                            w.is_done(jid, mode="standard")
-                        os.environ["HJ_CALLER"] = f"hpcjobs-{pattern}-{n}"
-                        p = Poller(pollers[k].path, clock=clock.time) if pattern == "B" else pollers[k]
-                        p.query(ids)
-                    clock.sleep(step)
-                counts = count_calls(count)
-                results.setdefault(f"submitit {pattern}", {})[n] = counts.get(f"submitit-{pattern}-{n}", 0)
-                results.setdefault(f"hpc-jobs {pattern}", {})[n] = counts.get(f"hpcjobs-{pattern}-{n}", 0)
-        sub_core._time = real_time
-        if real_seconds:  # the long-lived pattern in real time, all sizes side by side
-            watchers = {n: SlurmInfoWatcher(delay_s=600) for n in sizes}
-            for n in sizes:  # as constructing or unpickling submitit Job objects does
-                for job in jobs[n]:
-                    watchers[n].register_job(job.job_id)
-            pollers = {n: Poller(work / f"cache-real-{n}.json") for n in sizes}
-            end = time.time() + real_seconds
-            while time.time() < end:
-                for n in sizes:
-                    os.environ["HJ_CALLER"] = f"submitit-real-{n}"
-                    for job in jobs[n]:
-                        watchers[n].is_done(job.job_id, mode="standard")
-                    os.environ["HJ_CALLER"] = f"hpcjobs-real-{n}"
-                    pollers[n].query([job.job_id for job in jobs[n]])
-                time.sleep(1)
-            counts = count_calls(count)
-            scale = 3600.0 / real_seconds
-            for n in sizes:
-                results.setdefault("submitit real", {})[n] = round(counts.get(f"submitit-real-{n}", 0) * scale, 1)
-                results.setdefault("hpc-jobs real", {})[n] = round(counts.get(f"hpcjobs-real-{n}", 0) * scale, 1)
-    finally:
-        sub_core._time = real_time
-        for n in sizes:
-            run("scancel", jobs[n][0].job_id.split("_")[0])
-    return results
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":  # the measurement moved to benchmarks/poll_bench.py; this entry still runs it
     if len(sys.argv) > 1 and sys.argv[1] == "measure":
-        secs = float(sys.argv[sys.argv.index("--real-seconds") + 1]) if "--real-seconds" in sys.argv else 0.0
-        res = measure(secs, simulate="--no-simulation" not in sys.argv)
-        print("scheduler calls per hour (sacct + squeue), same held jobs, 1 / 50 / 500 jobs")
-        print("A: one long-lived watcher polling every 1 s; B: a fresh process every 10 s; C: 3 watchers at once")
-        for key, row in res.items():
-            print(f"{key:<16} " + "  ".join(f"{n}: {v}" for n, v in row.items()))
-        print(json.dumps(res))
-    else:
-        print(__doc__)
+        from benchmarks.poll_bench import main
+
+        sys.exit(main(sys.argv[1:] + ["--json"]))
+    print(__doc__)

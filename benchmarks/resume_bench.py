@@ -1,0 +1,220 @@
+"""Resume after a requeue signal on the dev cluster: the seconds from ``scancel --signal=USR2`` to
+the first training step of the restarted job, hpc-jobs against plain submitit.
+
+- hpc-jobs: the test-only engine workflow ``faultlab`` (tests/workflows/faultlab.py, made visible
+  with ``HPC_JOBS_LAUNCHERS=tests.workflows``; ``prepare -> train``: a small MLP through
+  ``hpc_jobs.engine.Trainer``, 120 steps of 0.08 s). On USR2 the engine finishes the step, writes a
+  checkpoint (file + manifest, atomically), calls ``scontrol requeue``; the next start resumes from
+  that checkpoint. faultlab notes when each process trains its first step (``trail.jsonl``).
+- plain submitit (baseline): a ``submitit.helpers.Checkpointable`` job training the same MLP on the
+  same data with a hand-written loop (the same 0.08 s per step); on USR2 submitit's handler pickles
+  the callable (model and optimizer in it) and calls ``scontrol requeue``.
+
+Both run the same way Slurm sends the signal before a time limit or a preemption (to the job's
+steps, ``scancel --signal=USR2 <job>``), about 1 s after training started; the job is cancelled as
+soon as the restarted process has trained its first step. Both include Slurm's requeue delay
+(the dev cluster holds a requeued job ~5-8 s before it may start), the job's start-up and the
+resume itself. Repetitions are interleaved. Nothing asserts a time.
+
+Run: ``python -m benchmarks.resume_bench [--reps N]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import REPO, scancel, slurm_main, summary, table  # noqa: E402
+
+STEP_SLEEP_S = 0.08
+SIGNAL_AFTER_S = 1.0  # after the first training step
+WAIT_S = 180.0
+BASELINE = "plain submitit Checkpointable: pickle the callable, scontrol requeue (baseline)"
+OURS = "hpc-jobs engine (faultlab): checkpoint at the step boundary, scontrol requeue, resume"
+
+
+def _append(path: Path, record: Dict[str, Any]) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+
+def _events(path: Path, event: str) -> List[Dict[str, Any]]:
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line being written
+            continue
+        if row.get("event") == event:
+            rows.append(row)
+    return rows
+
+
+def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def usr2(job_id: str) -> float:
+    """What Slurm sends before a time limit or a preemption, sent now to the job's steps."""
+    sent = time.time()
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, capture_output=True, timeout=60)
+    return sent
+
+
+def _recover(trail: Path, job_id: str) -> float:
+    """Signal the job ~1 s into training; seconds until the restarted process trains its first step."""
+    _wait(lambda: _events(trail, "first_step"), WAIT_S, f"job {job_id} to train")
+    time.sleep(SIGNAL_AFTER_S)
+    sent = usr2(job_id)
+    firsts = _wait(lambda: [r for r in _events(trail, "first_step") if r["time"] > sent], WAIT_S,
+                   f"job {job_id} to train again after the requeue")
+    return firsts[0]["time"] - sent
+
+
+# -- the baseline: a plain submitit Checkpointable job -----------------------------------------------
+def _checkpointable_base():
+    import submitit
+
+    return submitit.helpers.Checkpointable
+
+
+class PlainTrainer(_checkpointable_base()):
+    """faultlab's regression (192 samples, 6 features, MLP 6-16-1, batch 8, 5 epochs, AdamW 0.01),
+    written as a plain submitit user would: the state lives in the callable, which submitit's
+    default ``checkpoint()`` pickles on the requeue signal."""
+
+    samples, features, hidden, batch_size, epochs, lr, seed = 192, 6, 16, 8, 5, 0.01, 0
+
+    def __init__(self, trail: str, step_sleep_s: float = STEP_SLEEP_S) -> None:
+        self.trail, self.step_sleep_s = trail, step_sleep_s
+        self.model = self.optimizer = None
+        self.step = 0
+
+    def _data(self):
+        import torch
+
+        rng = random.Random(self.seed)
+        w = [rng.uniform(-1, 1) for _ in range(self.features)]
+        xs = [[rng.gauss(0, 1) for _ in range(self.features)] for _ in range(self.samples)]
+        ys = [sum(a * b for a, b in zip(w, x)) + rng.gauss(0, 0.05) for x in xs]
+        return torch.tensor(xs), torch.tensor(ys).unsqueeze(1)
+
+    def __call__(self) -> int:
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+
+        torch.set_num_threads(1)
+        trail = Path(self.trail)
+        _append(trail, {"event": "start", "pid": os.getpid(), "from_step": self.step})
+        if self.model is None:
+            torch.manual_seed(self.seed)
+            self.model = nn.Sequential(nn.Linear(self.features, self.hidden), nn.Tanh(), nn.Linear(self.hidden, 1))
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr)
+        x, y = self._data()
+        per_epoch = self.samples // self.batch_size
+        first = True
+        while self.step < per_epoch * self.epochs:
+            epoch, k = divmod(self.step, per_epoch)
+            order = torch.randperm(self.samples, generator=torch.Generator().manual_seed(self.seed + epoch))
+            idx = order[k * self.batch_size:(k + 1) * self.batch_size]
+            if first:
+                _append(trail, {"event": "first_step", "pid": os.getpid(), "step": self.step})
+                first = False
+            time.sleep(self.step_sleep_s)
+            loss = F.mse_loss(self.model(x[idx]), y[idx])
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+        _append(trail, {"event": "done", "step": self.step})
+        return self.step
+
+
+def plain_submitit_once(work: Path, rep: int) -> float:
+    import submitit
+
+    trail = work / f"submitit-{rep}.jsonl"
+    ex = submitit.AutoExecutor(folder=work / "submitit", cluster="slurm")
+    ex.update_parameters(timeout_min=10, slurm_partition="batch", cpus_per_task=1, slurm_mem="1G",
+                         slurm_job_name="bench-resume", slurm_setup=[f"export PYTHONPATH={REPO}:${{PYTHONPATH:-}}"],
+                         slurm_additional_parameters={"chdir": str(REPO)})
+    job = ex.submit(PlainTrainer(str(trail)))
+    try:
+        return _recover(trail, job.job_id)
+    finally:
+        scancel([job.job_id])
+
+
+# -- hpc-jobs: the faultlab workflow -----------------------------------------------------------------
+def hpc_jobs_once(work: Path, rep: int) -> float:
+    env = dict(os.environ, HPC_JOBS_HOME=str(work / "home"), HPC_JOBS_LAUNCHERS="tests.workflows",
+               PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "launch.py", "faultlab", "--cluster", "devcluster", "--run-name",
+                           f"resume-{rep}", "--set", f"step_sleep_s={STEP_SLEEP_S}", "--set", "downstream=false",
+                           "--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise RuntimeError(f"launch.py faultlab exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+    run_dir = Path(json.loads(proc.stdout)["run_dir"])
+    record = json.loads((run_dir / "run.json").read_text())
+    ids = [str(j["job_id"]) for s in record["stages"].values() for j in s.get("jobs", [])]
+    train = str(record["stages"]["train"]["jobs"][0]["job_id"])
+    try:
+        return _recover(run_dir / "stages" / "train" / "trail.jsonl", train)
+    finally:
+        scancel(ids)
+
+
+def bench_resume(reps: int, work: Path) -> Dict[str, Any]:
+    """``{"results": {row: summary}, "failures": [...]}``."""
+    samples: Dict[str, List[float]] = {BASELINE: [], OURS: []}
+    failures: List[str] = []
+    for rep in range(reps):  # interleaved
+        for name, fn in ((BASELINE, plain_submitit_once), (OURS, hpc_jobs_once)):
+            try:
+                samples[name].append(fn(work, rep))
+            except Exception as exc:  # one failed repetition must not lose the others
+                failures.append(f"{name.split(':')[0]}, repetition {rep + 1}: {exc}")
+    return {"results": {k: summary(v) for k, v in samples.items() if v}, "failures": failures}
+
+
+def report(reps: int, work: Path, note: Optional[str] = None) -> str:
+    out = bench_resume(reps, work)
+    notes = [f"Signal ~{SIGNAL_AFTER_S:.0f} s after the first training step (steps of {STEP_SLEEP_S} s); both "
+             "include Slurm's requeue delay (~5-8 s on the dev cluster), the job's start-up, importing torch and "
+             "the resume itself."]
+    if note:
+        notes.append(note)
+    notes += [f"Failed: {f}" for f in out["failures"]]
+    title = "resume: seconds from the requeue signal (USR2) to the first training step after the restart"
+    if BASELINE not in out["results"]:
+        return "\n".join([f"### {title}", "", "No baseline figure (every repetition failed)."] + notes)
+    return table(title, out["results"], BASELINE, digits=1, notes=notes)
+
+
+def main(argv=None) -> int:
+    return slurm_main("python -m benchmarks.resume_bench", __doc__, report, reps=3, argv=argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

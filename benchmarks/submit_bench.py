@@ -1,0 +1,144 @@
+"""Submitting a 200-task array to the dev cluster: hpc-jobs against bare ``sbatch --array`` and
+plain submitit's ``map_array``.
+
+- bare ``sbatch --array=0-199 --output=/dev/null --wrap=true`` (the baseline);
+- plain submitit: ``AutoExecutor.map_array`` over 200 items (it pickles one call per task, then
+  submits one ``sbatch --array``);
+- hpc-jobs: the whole launch path in-process (``hpc_jobs.launch.launch``: plan, preflight with
+  ``sbatch --test-only``, run record with the code snapshot, one runner per task, one ``sbatch``)
+  of a one-stage workflow ``Stage(array=200)``.
+
+Every variant submits HELD jobs: an ``sbatch`` shim first on PATH adds ``--hold`` to every call of
+all three (Slurm 22.05's sbatch has no environment variable for it), and the jobs are cancelled
+right after each repetition, so nothing runs and the queue is empty before the next one (queue
+length changes sbatch's latency). Repetitions are interleaved. Nothing asserts a time.
+
+Run: ``python -m benchmarks.submit_bench [--reps N]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import scancel, slurm_main, summary, table, timed  # noqa: E402
+from hpc_jobs import Pipeline, Resources, Stage, Workflow, register  # noqa: E402
+
+TASKS = 200
+BASELINE = f"bare sbatch --array=0-{TASKS - 1} (baseline)"
+
+
+def _noop(ctx):
+    return None
+
+
+@dataclass
+class ArrayConfig:
+    tasks: int = TASKS
+
+
+@register
+class BenchArray(Workflow):
+    name = "bench_array"
+    summary = "benchmark: one stage, an array of no-op tasks"
+    Config = ArrayConfig
+
+    def build(self):
+        res = Resources(time="00:05:00", mem="100M")
+        return Pipeline(self.name, [Stage("tasks", _noop, resources=res, array=self.config.tasks)])
+
+
+@contextlib.contextmanager
+def held(folder: Path) -> Iterator[None]:
+    """Every ``sbatch`` run by this process (or its children) in here submits held jobs: a shim
+    first on PATH that calls the real one with ``--hold``."""
+    real = shutil.which("sbatch")
+    if not real:
+        raise RuntimeError("no sbatch on PATH")
+    folder.mkdir(parents=True, exist_ok=True)
+    shim = folder / "sbatch"
+    shim.write_text(f'#!/bin/sh\nexec {real} --hold "$@"\n')
+    shim.chmod(0o755)
+    old = os.environ["PATH"]
+    os.environ["PATH"] = f"{folder}{os.pathsep}{old}"
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
+def _noop_item(x):
+    return x
+
+
+def bench_submit_array(reps: int, home: Path) -> Dict[str, Dict[str, float]]:
+    import subprocess
+
+    import submitit
+
+    from hpc_jobs.launch import LaunchRequest, launch
+
+    ids: List[str] = []
+    old_home = os.environ.get("HPC_JOBS_HOME")
+    os.environ["HPC_JOBS_HOME"] = str(home)
+
+    def bare_sbatch():
+        out = subprocess.run(["sbatch", "--parsable", f"--array=0-{TASKS - 1}", "--partition=batch",
+                              "--time=5", "--output=/dev/null", "--job-name=bench-array", "--wrap=true"],
+                             capture_output=True, text=True, check=True).stdout
+        ids.append(out.strip().split(";")[0])
+
+    def plain_submitit():
+        ex = submitit.AutoExecutor(folder=home / "submitit", cluster="slurm")
+        ex.update_parameters(timeout_min=5, slurm_partition="batch", slurm_job_name="bench-array")
+        jobs = ex.map_array(_noop_item, range(TASKS))
+        ids.append(jobs[0].job_id.split("_")[0])
+
+    def hpc_jobs():
+        result = launch(LaunchRequest(workflow="bench_array", cluster="devcluster"), echo=lambda s: None)
+        ids.extend(str(j["job_id"]) for j in result.run.stage("tasks")["jobs"])
+
+    def clean():
+        scancel(ids)
+        ids.clear()
+
+    results: Dict[str, List[float]] = {
+        BASELINE: [],
+        f"plain submitit: map_array over {TASKS} items": [],
+        f"hpc-jobs launch: Stage(array={TASKS}) (preflight + ledger + submit)": [],
+    }
+    fns = [bare_sbatch, plain_submitit, hpc_jobs]
+    try:
+        with held(home / "held-sbatch"):
+            for _ in range(reps):  # interleaved, so load on the machine hits every contender alike
+                for name, fn in zip(results, fns):
+                    clean()
+                    results[name] += timed(fn, 1)
+    finally:
+        clean()
+        if old_home is None:
+            os.environ.pop("HPC_JOBS_HOME", None)
+        else:
+            os.environ["HPC_JOBS_HOME"] = old_home
+    return {name: summary(samples) for name, samples in results.items()}
+
+
+def report(reps: int, home: Path) -> str:
+    return table(f"submit: an array of {TASKS} tasks to the dev cluster (held, cancelled after each repetition)",
+                 bench_submit_array(reps, home), BASELINE)
+
+
+def main(argv=None) -> int:
+    return slurm_main("python -m benchmarks.submit_bench", __doc__, report, reps=5, argv=argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
