@@ -43,6 +43,17 @@ def _versions() -> str:
     return ", ".join(parts + [slurm])
 
 
+def _gpu() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    except ImportError:
+        pass
+    return "none (the GPU section measures nothing)"
+
+
 def _machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -117,6 +128,11 @@ def sections(quick: bool, home: Path) -> List[Tuple[str, Callable[[], str], bool
         knn_sizes, post_sizes, isc_reps = isc_bench.sizes(quick)
         return isc_bench.table(isc_bench.bench_knn(knn_sizes, isc_reps), isc_bench.bench_postprocess(post_sizes, isc_reps))
 
+    def gpu() -> str:
+        from benchmarks import gpu_bench
+
+        return gpu_bench.report(quick)
+
     return [
         ("launch and submit", launch, False),
         ("submit: a 200-task array", submit_array, True),
@@ -125,6 +141,7 @@ def sections(quick: bool, home: Path) -> List[Tuple[str, Callable[[], str], bool
         ("resume after a requeue signal", resume, True),
         ("data", data, False),
         ("isc: search and post-process", isc, False),
+        ("GPU", gpu, False),
     ]
 
 
@@ -150,8 +167,7 @@ def main(argv=None) -> int:
         f"- date: {_dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
         f"- machine: {_machine()}",
         f"- versions: {_versions()}",
-        "- GPU figures (TimeSformer bf16+SDPA vs fp32 explicit attention, faiss GPU vs CPU): not measured here"
-        " (no GPU on this machine).",
+        f"- GPU: {_gpu()}",
         "",
     ]
     from benchmarks.common import have_slurm

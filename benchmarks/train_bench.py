@@ -13,8 +13,8 @@ For each workflow one batch of its synthetic data is loaded once, then trained o
 
 Both build the model and the optimizer through the workflow's task object (same seed), run with
 one torch thread and no loader workers, warm up for a few steps, then time a fixed number of
-steps (from the start of the first timed step to the start of the step after the last one), so
-the ratio is the engine's per-step overhead. Model set-up and the final checkpoint are outside
+steps; a run's rate is one over its median step time (step start to the next step's start), so
+the ratio is the engine's per-step overhead and one step stalled by another process counts little. Model set-up and the final checkpoint are outside
 the window.
 
 - diving: TimeSformer, ``launchers/diving.py`` preset ``tiny`` (2 blocks, 96-d, 8 frames of 64 px,
@@ -97,7 +97,12 @@ class _Timed:
 
 
 def _rate(stamps: List[float], warmup: int, steps: int) -> float:
-    return steps / (stamps[warmup + steps] - stamps[warmup])
+    """Steps/s from the median step time of the timed window: one step stalled by another process
+    on a shared machine moves a mean a lot and a median little."""
+    import statistics
+
+    gaps = [b - a for a, b in zip(stamps[warmup:warmup + steps], stamps[warmup + 1:warmup + steps + 1])]
+    return 1.0 / statistics.median(gaps)
 
 
 def bare_loop(make_task: Callable[[], Any], samples: List[Any], seed: int, warmup: int, steps: int) -> float:

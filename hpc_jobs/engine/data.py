@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import random
 import signal
-from typing import Any, Iterator
+from typing import Any, Iterator, List
 
 import numpy as np
 import torch
@@ -35,17 +35,27 @@ class SeededDataset(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: Any) -> Any:
-        if not isinstance(key, tuple):
-            return self.dataset[key]
-        index, seed = key
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: List[Any]) -> List[Any]:
+        """A whole batch (the DataLoader's fast path): the caller's RNG states are saved and
+        restored once per batch, each sample still draws from its own seed. Defining it here also
+        keeps the loader from calling an inner dataset's ``__getitems__`` with (index, seed) keys."""
+        if not all(isinstance(k, tuple) for k in keys):  # plain indices: the caller's RNG, as is
+            if any(isinstance(k, tuple) for k in keys):
+                return [self.__getitems__([k])[0] for k in keys]
+            return [self.dataset[k] for k in keys]
         saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        # the CPU generator only (the one restored below): torch.manual_seed would also reseed
-        # every CUDA generator, which this wrapper does not restore, and costs ~1 ms a sample
-        torch.default_generator.manual_seed(seed)
         try:
-            return self.dataset[index]
+            out = []
+            for index, seed in keys:
+                random.seed(seed)
+                np.random.seed(seed % 2**32)
+                # the CPU generator only (the one restored below): torch.manual_seed would also
+                # reseed every CUDA generator, which nothing here restores, and costs ~1 ms
+                torch.default_generator.manual_seed(seed)
+                out.append(self.dataset[index])
+            return out
         finally:
             random.setstate(saved[0])
             np.random.set_state(saved[1])

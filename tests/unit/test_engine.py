@@ -494,3 +494,38 @@ def test_deepspeed_zero2_two_processes_gloo(tmp_path: Path, deepspeed_loaded) ->
     shards = sorted(p.name for p in (out / "checkpoints").glob("step-*.ds/ds/*optim_states.pt"))
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(shards)
 
+
+
+def test_seeded_batches_draw_per_sample_and_leave_the_callers_rng_alone():
+    """Each sample's random draws depend on its own seed only, whether fetched alone or in a batch
+    through the DataLoader (``__getitems__``); the caller's RNG state is unchanged; an inner
+    dataset with its own ``__getitems__`` (torch's Subset) is never handed (index, seed) keys."""
+    import random as pyrandom
+
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader, Dataset, Subset
+
+    from hpc_jobs.engine.data import SeededDataset
+
+    class Draws(Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return torch.tensor([float(i), pyrandom.random(), float(np.random.rand()), torch.rand(()).item()])
+
+    ds = SeededDataset(Subset(Draws(), list(range(8))))
+    keys = [(i, 1000 + i) for i in (3, 1, 6, 0)]
+    torch.manual_seed(5)
+    before = torch.get_rng_state(), pyrandom.getstate(), np.random.get_state()[1].copy()
+    alone = torch.stack([ds[k] for k in keys])
+    batched = torch.stack(ds.__getitems__(keys))
+    assert torch.equal(torch.get_rng_state(), before[0]) and pyrandom.getstate() == before[1]
+    assert (np.random.get_state()[1] == before[2]).all()
+    loader = DataLoader(ds, batch_size=4, sampler=keys)  # (its iterator draws a base seed itself)
+    through_loader = next(iter(loader))
+    assert torch.equal(alone, batched) and torch.equal(alone, through_loader)
+    assert len({tuple(row[1:].tolist()) for row in alone}) == 4  # different seeds, different draws
+    again = torch.stack(ds.__getitems__([(3, 1000 + 3)]))
+    assert torch.equal(again[0], alone[0])  # the same key, the same draws
