@@ -301,7 +301,7 @@ def progress_cell(st, unicode: Optional[bool] = None) -> str:
 
 def _note(st) -> str:
     notes: List[str] = []
-    if getattr(st, "handoff", ""):
+    if st.handoff:
         notes.append(f"[{st.handoff}]")
     if st.tasks:
         counts: Dict[str, int] = {}
@@ -316,7 +316,7 @@ def _note(st) -> str:
         notes.append(_fmt_result(st.result))
     if st.error and not st.hint:
         notes.append(st.error[:80])
-    if getattr(st, "interruptions", None):
+    if st.interruptions:
         notes.append(interruptions_note(st.interruptions))
     return "  ".join(notes)
 

@@ -55,6 +55,7 @@ class Plan:
     run_dir: Path
     launch_python: str
     account: Optional[str]
+    preset: Optional[str] = None  # the preset applied (given, or chosen by the workflow)
 
 
 # -- planning ------------------------------------------------------------------------------------
@@ -64,12 +65,13 @@ def make_plan(req: LaunchRequest) -> Plan:
     opts = dataclasses.replace(req.options, local=(profile.backend == "local"))
     if opts.gpus < 0 or opts.nodes < 1:
         raise UserError(f"--gpus {opts.gpus} / --nodes {opts.nodes}: GPUs must be 0 or more and nodes at least 1")
-    config = wf_cls.make_config(req.preset, req.config_file, req.overrides)
+    preset = req.preset or wf_cls.choose_preset(req.config_file, req.overrides or {})
+    config = wf_cls.make_config(preset, req.config_file, req.overrides)
     pipeline = wf_cls(config, opts).build()
     apply_cli_resources(pipeline, opts)
     run_id = new_run_id(req.run_name)
     run_dir = profile.runs_root / wf_cls.name / run_id
-    return Plan(wf_cls, config, profile, pipeline, run_id, run_dir, sys.executable, opts.account)
+    return Plan(wf_cls, config, profile, pipeline, run_id, run_dir, sys.executable, opts.account, preset)
 
 
 def apply_cli_resources(pipeline: Pipeline, opts: wfmod.LaunchOptions) -> None:
@@ -268,7 +270,7 @@ def record_run(plan: Plan, req: LaunchRequest, jobs: Dict[str, List[rendermod.Jo
         data_root=str(plan.profile.data_root),
         submit_rate=plan.profile.submit_rate,
         options=dataclasses.asdict(req.options),
-        preset=req.preset or plan.workflow.choose_preset(req.config_file, req.overrides or {}),
+        preset=plan.preset,
         order=list(plan.pipeline.order),
         stages=stages,
         slurm_version=_slurm_version(plan.profile),

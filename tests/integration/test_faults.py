@@ -39,7 +39,6 @@ from .conftest import JOBS_ROOT, sacct, wait_for
 STEPS = 120  # faultlab defaults: 192 samples / batch 8 = 24 steps per epoch x 5 epochs
 EVERY = 10  # checkpoint_every
 FIGURES: List[Dict[str, Any]] = []
-RUNS: Dict[str, Path] = {}  # scenario -> run dir, for the checks that read several scenarios
 LAUNCHERS = "tests.workflows"
 
 
@@ -107,8 +106,14 @@ def time_limit_run(home, slurm_cluster) -> Dict[str, Any]:
 def launch(home: Path, name: str, *args: str) -> Path:
     out = launch_json(home, "faultlab", "--cluster", "devcluster", "--run-name", name, *args)
     run_dir = Path(out["run_dir"])
-    RUNS[name] = run_dir
     return run_dir
+
+
+def assert_interrupted_by(home: Path, name: str, cause: str) -> None:
+    """`status` tells this run's train interruptions apart: every one has the scenario's cause."""
+    train = status_json(home, name)["train"]
+    causes = [i["cause"] for i in train.get("interruptions", [])]
+    assert causes and set(causes) == {cause}, (name, train.get("interruptions"))
 
 
 def train_dir(run_dir: Path) -> Path:
@@ -289,18 +294,13 @@ def test_usr2_twice_checkpoints_requeues_and_ends_bit_identical(slurm_cluster, h
     assert lost_steps(run_dir) == [0, 0]
     assert sacct_history(jid) == ["REQUEUED", "REQUEUED", "COMPLETED"]
     assert_bit_identical(reference, run_dir)
-    record("USR2 mid-training (x2)", lost_steps(run_dir), recover, stopped_at=[s["step"] for s in stops])
-
-
-def test_requeued_jobs_run_the_code_snapshot_of_their_launch(slurm_cluster, home):
-    """A job that Slurm starts again (requeue, preemption) days later must run the code recorded
-    with the run (RUN/code), not whatever the checkout holds by then; the local backend does."""
-    run_dir = RUNS.get("usr2")
-    if run_dir is None or not starts(run_dir):
-        pytest.skip("needs the run of test_usr2_twice_checkpoints_requeues_and_ends_bit_identical")
+    # a job Slurm starts again (requeue, preemption) days later runs the code recorded with the run
+    # (RUN/code), not whatever the checkout holds by then
     for start in starts(run_dir):
         assert Path(start["code"]).is_relative_to(run_dir / "code"), (
             f"attempt {start['restart']} imported {start['code']}, not the snapshot in {run_dir / 'code'}")
+    assert_interrupted_by(home, "usr2", "REQUEUED")
+    record("USR2 mid-training (x2)", lost_steps(run_dir), recover, stopped_at=[s["step"] for s in stops])
 
 
 def test_requeue_limit_fails_the_stage_instead_of_looping(slurm_cluster, home):
@@ -344,6 +344,7 @@ def test_preemption_by_the_high_partition_requeues_and_resumes(slurm_cluster, ho
     assert stops and stops[0]["kind"] == "Requeued", trail(run_dir)
     assert lost_steps(run_dir) == [0] * len(stops)
     assert_bit_identical(reference, run_dir)
+    assert_interrupted_by(home, "preempt", "PREEMPTED")
     record("preemption (high partition)", lost_steps(run_dir), recover, slurm_history=history,
            stopped_at=stops[0]["step"])
 
@@ -404,6 +405,7 @@ def test_sigkill_fails_the_stage_and_resume_continues_from_the_last_checkpoint(s
     assert data.stat().st_mtime_ns == data_mtime  # the completed upstream output was reused
     assert states["evaluate"]["result"]["step"] == STEPS
     assert_bit_identical(reference, run_dir)
+    assert_interrupted_by(home, "sigkill", "FAILED")
     record("SIGKILL of the training process", lost, recover, killed_at_step=killed_step,
            resumed_from=resumed["from_step"], detect_s=round(detected - killed_at, 1))
 
@@ -444,6 +446,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint(slurm_c
     assert starts(run_dir)[1]["from_step"] == EVERY
     assert not list(ckpts.glob("*.tmp-*")), sorted(p.name for p in ckpts.iterdir())  # the torn write was cleaned up
     assert_bit_identical(reference, run_dir)
+    assert_interrupted_by(home, "ckptkill", "FAILED")
     record("SIGKILL during a checkpoint write", lost_steps(run_dir), recover,
            write_mb=96, resumed_from=EVERY, torn=tmp.name)
     shutil.rmtree(ckpts)  # ~300 MB of ballast
@@ -499,6 +502,7 @@ def test_node_loss_during_a_two_node_job(slurm_cluster, home, time_limit_run):
     lost = lost_steps(run_dir)
     assert len(lost) == 1 and 0 <= lost[0] <= EVERY, trail(run_dir)
     assert final_state(train_dir(run_dir))["step"] == total
+    assert_interrupted_by(home, "nodeloss", "NODE_FAIL")
     record("slurmd of n2 stopped (2-node job)", lost, recover, outage_s=outage, restore_s=round(up_s, 1),
            slurm_history=history, status_while_requeued=while_requeued)
 
@@ -588,18 +592,9 @@ def test_status_without_accounting(slurm_cluster, home, tmp_path):
     # nothing known to the scheduler any more: the stages' own markers still tell how they ended
     markers = _status_with(failed, forgot, tmp_path)
     assert markers["prepare"]["state"] == "COMPLETED" and markers["train"]["state"] == "FAILED", markers
-    record("no accounting (sacct disabled)", 0, 0, states=states_of(got))
-
-
-def test_without_accounting_a_forgotten_dependent_of_a_failed_stage_reads_cancelled(slurm_cluster, home, tmp_path):
-    run_dir = RUNS.get("noacct-fail")
-    if run_dir is None:
-        pytest.skip("needs the run of test_status_without_accounting")
-    forgot = tmp_path / "forgot"
-    _shim(forgot, "sacct", 'echo "sacct: error: Slurm accounting storage is disabled" >&2\nexit 1')
-    _shim(forgot, "squeue", "exit 0")
-    markers = _status_with(run_dir, forgot, tmp_path)
+    # and the dependent Slurm cancelled (it never started, so it has no marker) reads CANCELLED
     assert markers["evaluate"]["state"] == "CANCELLED", markers["evaluate"]
+    record("no accounting (sacct disabled)", 0, 0, states=states_of(got))
 
 
 # ------------------------------------------------------------------------------ bad input (cluster)
@@ -625,7 +620,6 @@ def test_time_limit_signal_checkpoints_requeues_and_finishes(slurm_cluster, home
     1-minute limit the signal can come seconds after the start, before the engine runs; submitit's
     Checkpointable handler then requeues the stage (nothing trained yet, nothing lost)."""
     run_dir = time_limit_run["run_dir"]
-    RUNS["timelimit"] = run_dir
     states = wait_run(home, "timelimit", timeout=300)
     jid = job_id(run_dir)
     history = sacct_history(jid)
@@ -653,18 +647,7 @@ def test_time_limit_signal_checkpoints_requeues_and_finishes(slurm_cluster, home
     firsts = [r["time"] for r in rows if r["event"] == "first_step"]
     recover = [round(t - s["time"], 1) for s, t in zip(stops, firsts[1:])]
     assert_bit_identical(reference, run_dir)
+    assert_interrupted_by(home, "timelimit", "TIMEOUT")
     record("time limit (--time 1 min, USR2@30)", lost_steps(run_dir), recover,
            engine_signalled_after_s=signalled_after, requeues=restarts, requeued_at_start_up=at_start_up,
            total_s=round(rows[-1]["time"] - time_limit_run["launched"], 1), exit_race=exit_race)
-
-
-# --------------------------------------------------------------- interruption causes in `status`
-def test_status_tells_the_interruptions_apart(slurm_cluster, home):
-    expected = {"usr2": "REQUEUED", "preempt": "PREEMPTED", "timelimit": "TIMEOUT", "nodeloss": "NODE_FAIL",
-                "sigkill": "FAILED", "ckptkill": "FAILED"}
-    if not all(name in RUNS for name in expected):
-        pytest.skip("needs the runs of the scenario tests above")
-    for name, cause in expected.items():
-        train = status_json(home, name)["train"]
-        causes = [i["cause"] for i in train.get("interruptions", [])]
-        assert causes and set(causes) == {cause}, (name, train.get("interruptions"))
