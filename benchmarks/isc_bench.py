@@ -59,7 +59,7 @@ def _cell(s: Dict[str, float], digits: int) -> str:
 
 def bench_knn(sizes: List[Tuple[int, int]], reps: int) -> List[Tuple[str, Dict[str, float], Dict[str, float]]]:
     """Per size: (what, faiss seconds, numpy seconds), each a summary of ``reps`` interleaved runs."""
-    from data.isc.postprocess import knn
+    from data.retrieval.knn import knn
 
     rng = np.random.default_rng(0)
     rows = []

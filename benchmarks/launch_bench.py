@@ -85,7 +85,7 @@ def bench_submit_chain(reps: int, home: Path) -> Dict[str, Dict[str, float]]:
         ids.extend(result_ids(result))
 
     def result_ids(result):
-        return [str(j["job_id"]) for name in result.run.record["order"] for j in result.run.stage(name)["jobs"]]
+        return [j.job_id for rec in result.run.in_order() for j in rec.jobs]
 
     def clean():  # an empty queue before each repetition: queue length changes sbatch latency
         if ids:

@@ -176,9 +176,11 @@ def hpc_jobs_once(work: Path, rep: int) -> float:
     if proc.returncode != 0:
         raise RuntimeError(f"launch.py faultlab exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
     run_dir = Path(json.loads(proc.stdout)["run_dir"])
-    record = json.loads((run_dir / "run.json").read_text())
-    ids = [str(j["job_id"]) for s in record["stages"].values() for j in s.get("jobs", [])]
-    train = str(record["stages"]["train"]["jobs"][0]["job_id"])
+    from hpc_jobs.ledger import Run
+
+    run = Run(run_dir)
+    ids = [i for rec in run.in_order() for i in rec.job_ids()]
+    train = run.stage("train").job_ids()[0]
     try:
         return _recover(run_dir / "stages" / "train" / "trail.jsonl", train)
     finally:

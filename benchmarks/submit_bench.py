@@ -104,7 +104,7 @@ def bench_submit_array(reps: int, home: Path) -> Dict[str, Dict[str, float]]:
 
     def hpc_jobs():
         result = launch(LaunchRequest(workflow="bench_array", cluster="devcluster"), echo=lambda s: None)
-        ids.extend(str(j["job_id"]) for j in result.run.stage("tasks")["jobs"])
+        ids.extend(result.run.stage("tasks").job_ids())
 
     def clean():
         scancel(ids)

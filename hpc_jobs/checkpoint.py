@@ -294,6 +294,25 @@ def latest_complete(directory: str | os.PathLike, pattern: str = "step-*.pt", *,
     return None
 
 
+def best_complete(directory: str | os.PathLike, metric: str, mode: str = "max", pattern: str = "*.pt", *,
+                  quick: bool = False) -> tuple[Path, Manifest] | None:
+    """The complete checkpoint in ``directory`` whose manifest ``metrics[metric]`` is the highest
+    (``mode="max"``) or lowest (``"min"``); ties go to the later step (``best.pt``/``last.pt``
+    links count as the step they publish). None when no complete checkpoint has the metric."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    scored = []
+    for p, m in _candidates(directory, pattern):
+        value = m.metrics.get(metric) if isinstance(m.metrics, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+            scored.append((float(value) if mode == "max" else -float(value), m.step, p.name.startswith("step-"), p, m))
+    for *_, p, m in sorted(scored, key=lambda t: t[:3], reverse=True):
+        if _problem(p, quick)[0] is None:
+            return p, m
+    return None
+
+
 def link_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Manifest:
     """Publish complete checkpoint ``src`` also as ``dst`` (e.g. ``best.pt``, ``last.pt``):
     a hard link (a copy where links are impossible) renamed into place, then its own manifest."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -15,17 +16,23 @@ from typing import Any, Dict, List, Optional
 
 from .errors import UserError
 
-COMMANDS = ("list", "status", "logs", "cancel", "resume", "profiles", "debug", "report")
+COMMANDS = ("list", "run", "status", "logs", "cancel", "resume", "profiles", "debug", "report")
 
 TOP_HELP = """\
 usage: python launch.py WORKFLOW [options]      launch a workflow (python launch.py WORKFLOW --help)
+       python launch.py run [options] -- CMD ARGS
+                                                your own command as a one-stage pipeline (requeue on
+                                                the time limit; it gets $HPC_JOBS_CHECKPOINT_DIR)
        python launch.py list                    the workflows, one line each
-       python launch.py status [RUN] [--watch] [--json]
-                                                stages, progress, failures of a run (no RUN: recent runs)
+       python launch.py status [RUN [STAGE]] [--watch] [--json]
+                                                stages, progress, failures of a run (no RUN: recent
+                                                runs; STAGE: an array's tasks)
        python launch.py logs RUN [STAGE] [-f] [--task I] [--attempt N]
                                                 print (or follow) a stage's log
-       python launch.py cancel RUN [STAGE ...]  cancel a run's jobs
-       python launch.py resume RUN              resubmit what did not complete (and its descendants)
+       python launch.py cancel RUN [STAGE ...] [--task I]
+                                                cancel a run's jobs (one task of an array)
+       python launch.py resume RUN [--follow]   rerun what did not complete (only those tasks of an
+                                                array) and what depends on it; run waiting login steps
        python launch.py debug WORKFLOW --stage S [--from-run RUN] [--shell] [--break]
                                                 run one stage interactively in an allocation (salloc)
        python launch.py report RUN              write report.md: stage table, timings, curves, metrics
@@ -45,11 +52,13 @@ def _echo(line: str) -> None:
 def launch_parser(workflow: str, summary: str = "", keys: Optional[List[str]] = None, presets=()) -> argparse.ArgumentParser:
     epilog = ""
     if keys:
-        epilog = "config keys (--set KEY=VALUE): " + ", ".join(keys)
+        epilog = ("config keys (--set KEY=VALUE; --show-config shows the resolved values and where each comes from):\n  "
+                  + "\n  ".join(keys))
     p = argparse.ArgumentParser(
         prog=f"python launch.py {workflow}",
         description=summary or f"Launch the {workflow} workflow.",
         epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--gpus", type=int, default=None, metavar="N", help="GPUs per node for GPU stages (default: the workflow's, usually 1; locally: N ranks)")
     p.add_argument("--nodes", type=int, default=1, metavar="M", help="nodes for multi-node stages (default 1)")
@@ -58,14 +67,42 @@ def launch_parser(workflow: str, summary: str = "", keys: Optional[List[str]] = 
     p.add_argument("--account", metavar="A", help="Slurm account charged for every job (required on some clusters)")
     p.add_argument("--time", metavar="T", help="time limit of the GPU stages, e.g. 02:00:00")
     p.add_argument("--gpu-type", metavar="TYPE", help="GPU type in the GRES request, e.g. v100, a100")
+    s = p.add_argument_group("sbatch options", "applied to the GPU stages (to every batch stage when none uses GPUs), like --time")
+    s.add_argument("--mem", metavar="SIZE", help="memory per node, e.g. 64G")
+    s.add_argument("--cpus-per-task", type=int, metavar="N", help="CPUs per task (per GPU rank)")
+    s.add_argument("--qos", metavar="QOS", help="quality of service")
+    s.add_argument("--constraint", metavar="FEATURES", help="node features, e.g. 'a100&ib'")
+    s.add_argument("--exclude", metavar="NODES", help="nodes to avoid, e.g. 'd05-[10-12]'")
+    s.add_argument("--mail-type", metavar="TYPES", help="Slurm's e-mail on events: END,FAIL / ALL / TIME_LIMIT_80 ...")
+    s.add_argument("--mail-user", metavar="ADDRESS", help="where Slurm sends that e-mail (default: you)")
+    s.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other sbatch option, validated (e.g. --sbatch reservation=r1); repeatable")
+    s.add_argument("--stage-set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
+                   help="one stage's resources, e.g. --stage-set train.mem=64G --stage-set prepare.time=04:00:00")
+    p.add_argument("--container", metavar="IMAGE", help="run every batch stage in this image: .sif (apptainer), squashfs or registry#image (pyxis), OCI bundle dir (docs/containers.md)")
+    p.add_argument("--container-runtime", metavar="RT", help="apptainer, singularity, pyxis or oci (default: the profile's, or from the image)")
     p.add_argument("--preset", choices=sorted(presets) or None, help="a named set of config values")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
     p.add_argument("--config", metavar="FILE", help="YAML file of config values (applied before --set)")
     p.add_argument("--run-name", metavar="NAME", help="run id (default: a timestamp)")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                   help="run the pipeline once per point of the grid of these values (repeatable: the product), as arrays")
+    p.add_argument("--sweep-from", metavar="STAGE", help="the first stage the sweep changes (default: the workflow's, or its first GPU stage)")
+    p.add_argument("--sweep-parallel", type=int, metavar="N", help="at most N points run at once (the array's %%N)")
     p.add_argument("--dry-run", action="store_true", help="write and print every stage's sbatch script; submit nothing")
+    p.add_argument("--show-config", action="store_true",
+                   help="print the resolved config (value, type, and where it came from: default, preset, --config, --set); run nothing")
     p.add_argument("--follow", action="store_true", help="stay and show status until the run ends")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
+
+
+def _sbatch_pair(item: str) -> tuple:
+    key, eq, value = item.partition("=")
+    key = key.strip().lstrip("-")
+    if not key:
+        raise UserError(f"--sbatch '{item}' is not KEY=VALUE (e.g. --sbatch reservation=r1)")
+    return (key, value.strip()) if eq else (key, "")
 
 
 def _launch_request(workflow: str, args: argparse.Namespace, argv: List[str], prefix: List[str]):
@@ -85,7 +122,13 @@ def _launch_request(workflow: str, args: argparse.Namespace, argv: List[str], pr
         account=args.account,
         time=args.time,
         gpu_type=args.gpu_type,
+        mem=args.mem, cpus_per_task=args.cpus_per_task, qos=args.qos, constraint=args.constraint,
+        exclude=args.exclude, mail_type=args.mail_type, mail_user=args.mail_user,
+        sbatch=tuple(_sbatch_pair(item) for item in args.sbatch), stage_sets=tuple(args.stage_set),
+        container=args.container, container_runtime=args.container_runtime,
     )
+    if args.sweep_parallel is not None and args.sweep_parallel < 1:
+        raise UserError(f"--sweep-parallel {args.sweep_parallel}: give at least 1")
     if args.gpus is not None and args.gpus < 1:
         raise UserError(f"--gpus {args.gpus}: give at least 1 (a workflow's CPU stages need no --gpus)")
     if args.nodes < 1:
@@ -100,17 +143,38 @@ def _launch_request(workflow: str, args: argparse.Namespace, argv: List[str], pr
         run_name=args.run_name,
         dry_run=args.dry_run,
         argv=[*prefix, workflow, *argv],
+        sweep=list(args.sweep), sweep_from=args.sweep_from, sweep_parallel=args.sweep_parallel,
     )
 
 
-def cmd_launch(workflow: str, argv: List[str]) -> int:
+def cmd_run(argv: List[str]) -> int:
+    """``run [launch options] -- CMD ARGS``: wrap a command (hpc_jobs/command.py)."""
+    if "--" not in argv:
+        if any(a in ("-h", "--help") for a in argv):
+            return cmd_launch("run", argv)
+        raise UserError("run: give the command after --, e.g. python launch.py run --gpus 1 --time 04:00:00 "
+                        "-- python train.py --lr 1e-3")
+    cut = argv.index("--")
+    options, command = argv[:cut], argv[cut + 1:]
+    if not command:
+        raise UserError("run: nothing after --: give the command to run, e.g. -- python train.py")
+    return cmd_launch("run", options, extra_overrides={"command": command, "workdir": os.getcwd()},
+                      shown_argv=argv)
+
+
+def cmd_launch(workflow: str, argv: List[str], extra_overrides: Optional[Dict[str, Any]] = None,
+               shown_argv: Optional[List[str]] = None) -> int:
     from . import workflow as wfmod
     from .launch import launch
 
     wf = wfmod.get(workflow)
-    parser = launch_parser(workflow, wf.summary, wf.config_keys(), wf.presets)
+    parser = launch_parser(workflow, wf.summary, wf.config_help(), wf.presets)
     args = parser.parse_args(argv)
-    req = _launch_request(workflow, args, argv, ["launch.py"])
+    req = _launch_request(workflow, args, shown_argv or argv, ["launch.py"])
+    if extra_overrides:
+        req.overrides.update(extra_overrides)
+    if args.show_config:
+        return _show_config(wf, req, as_json=args.json)
     quiet = args.json
     echo = (lambda line: print(line, file=sys.stderr, flush=True)) if quiet else _echo
     result = launch(req, echo=echo)
@@ -134,30 +198,29 @@ def cmd_launch(workflow: str, argv: List[str]) -> int:
     return 1 if result.failed else 0
 
 
+def _show_config(wf, req, as_json: bool = False) -> int:
+    from . import config as cfgmod
+
+    preset = req.preset or wf.choose_preset(req.config_file, req.overrides)
+    cfg = wf.make_config(preset, req.config_file, req.overrides)
+    sources = wf.config_sources(preset, req.config_file, req.overrides)
+    types = cfgmod.leaf_types(wf.Config)
+    values = cfgmod.flatten(cfg)
+    if as_json:
+        print(json.dumps({"workflow": wf.name, "preset": preset, "config": {
+            k: {"value": values[k], "type": cfgmod.type_name(types[k]), "source": sources[k]} for k in sorted(values)}},
+            indent=2, default=str))
+        return 0
+    print(f"{wf.name} config (preset: {preset or 'none'}):")
+    _table(["key", "value", "type", "from"], [(k, repr(values[k]), cfgmod.type_name(types[k]), sources[k]) for k in sorted(values)])
+    return 0
+
+
 def _launch_json(result) -> Dict[str, Any]:
-    run = result.run
-    stages = []
-    for name in run.record["order"]:
-        entry = run.stage(name)
-        jobs = entry.get("jobs", [])
-        stages.append({
-            "name": name,
-            "job_id": jobs[0]["job_id"] if jobs else None,
-            "job_ids": [j["job_id"] for j in jobs],
-            "depends_on": entry["depends_on"],
-            "script": entry.get("script"),
-            "where": entry["where"],
-            "state": entry.get("state"),
-        })
-    return {
-        "run": run.id,
-        "run_dir": str(run.dir),
-        "backend": result.plan.profile.backend,
-        "cluster": result.plan.profile.name,
-        "dry_run": bool(run.record.get("dry_run")),
-        "stages": stages,
-        "failed": result.failed,
-    }
+    from .schema import run_document
+    from .status import stage_states
+
+    return run_document(result.run, stage_states(result.run, triage=False))
 
 
 def _print_launch(result) -> None:
@@ -166,16 +229,20 @@ def _print_launch(result) -> None:
     run = result.run
     rows = []
     states = stage_states(run) if result.plan.profile.backend == "local" else {}
-    for name in run.record["order"]:
-        entry = run.stage(name)
-        jobs = ",".join(str(j["job_id"]) for j in entry.get("jobs", [])) or ("-" if entry["where"] == "batch" else entry["where"])
-        state = entry.get("state", "")
+    for rec in run.in_order():
+        name = rec.name
+        jobs = ",".join(rec.job_ids()) or ("-" if rec.where == "batch" else rec.where)
+        state = states[name].state if name in states else rec.state
         extra = ""
         if name in states and states[name].result:
             extra = _fmt_result(states[name].result)
-        rows.append((name, jobs, ",".join(entry["depends_on"]) or "-", state, extra))
+        elif rec.state in ("WAITING_LOGIN", "PLANNED") and rec.reason:
+            extra = rec.reason
+        rows.append((name, jobs, ",".join(rec.depends_on) or "-", state, extra))
     print(f"\nrun {run.id} ({result.plan.workflow.name} on {result.plan.profile.name}): {run.dir}")
     _table(["stage", "job", "after", "state", "result"], rows)
+    if run.record.get("sweep") and states:
+        _console().print(render_sweep(run.record["sweep"], states))
     print(f"\nnext: python launch.py status {run.id}   |   python launch.py logs {run.id} STAGE -f"
           f"   |   python launch.py cancel {run.id}   |   python launch.py resume {run.id}")
 
@@ -201,18 +268,30 @@ def _table(header: List[str], rows: List[tuple]) -> None:
 
 
 def _follow(run) -> int:
-    from .slurm import FINAL_STATES
+    """Print each change of the stages' states until the run ends; a login step whose parents
+    completed runs here (this is the login node), then what waited for it is submitted."""
+    from . import states as statesmod
+    from .launch import advance_login_steps
     from .status import stage_states
 
     last = None
     while True:
         states = stage_states(run)
-        summary = " ".join(f"{n}={s.state}" for n, s in states.items())
+        summary = " ".join(f"{n}={s.state}" + (f"({s.task_counts})" if s.task_list and s.state != "COMPLETED" else "")
+                           for n, s in states.items())
         if summary != last:
             print(time.strftime("%H:%M:%S"), summary, flush=True)
             last = summary
-        if all(s.state in FINAL_STATES or s.state == "COMPLETED" for s in states.values()):
-            return 0 if all(s.state == "COMPLETED" for s in states.values()) else 1
+        waiting = [n for n, s in states.items() if s.state == "WAITING_LOGIN"]
+        if waiting and not any(s.state in statesmod.ACTIVE for n, s in states.items()
+                               if n in set(a for w in waiting for a in run.ancestors(w))):
+            with run.lock("follow"):
+                if advance_login_steps(run, _echo):
+                    continue
+        if all(s.state in statesmod.FINAL for s in states.values()) or (
+                not waiting and not any(s.state in statesmod.ACTIVE for s in states.values())
+                and not any(s.state == "UNKNOWN" for s in states.values())):
+            return 0 if all(s.state in statesmod.DONE for s in states.values()) else 1
         time.sleep(5)
 
 
@@ -303,11 +382,8 @@ def _note(st) -> str:
     notes: List[str] = []
     if st.handoff:
         notes.append(f"[{st.handoff}]")
-    if st.tasks:
-        counts: Dict[str, int] = {}
-        for value in st.tasks.values():
-            counts[value] = counts.get(value, 0) + 1
-        notes.append(f"{len(st.tasks)} tasks: " + " ".join(f"{k}:{v}" for k, v in counts.items()))
+    if st.task_list:
+        notes.append(st.task_counts)
     if st.reason and st.reason not in ("None",) and st.state != "RUNNING":
         notes.append(f"({st.reason})")
     if st.metric:
@@ -332,28 +408,44 @@ def interruptions_note(items: List[Dict[str, Any]]) -> str:
     return f"interrupted {len(items)}x: " + ", ".join(words) + more
 
 
-def render_status(run, states, footer: str = ""):
+#: below this many columns the status table drops the node column, shows progress as a percent
+#: (no bar) and cuts notes with an ellipsis, so no word is ever broken across lines
+COMPACT_BELOW = 120
+
+
+def render_status(run, states, footer: str = "", width: Optional[int] = None):
     """The status table (rich) plus, for each failed stage, its Slurm state, exit code, hint and
-    the last lines of its error log."""
+    the last lines of its error log. ``width``: the terminal's; a narrow one gets a compact table."""
     from rich import box
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
+    compact = width is not None and width < COMPACT_BELOW
     title = f"run {run.id} ({run.workflow} on {run.record.get('cluster')})" + ("  [debug run]" if run.record.get("debug") else "")
-    table = Table(title=Text(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("stage", "state", "job", "node", "elapsed", "progress", "last metric / note"):
-        table.add_column(col, overflow="fold")
+    table = Table(title=Text(title, overflow="ellipsis", no_wrap=True), title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False, expand=False)
+    columns = ("stage", "state", "job", "elapsed", "progress", "note") if compact else \
+        ("stage", "state", "job", "node", "elapsed", "progress", "last metric / note")
+    rows = []
     for st in states.values():
-        table.add_row(
-            Text(st.name),
-            Text(st.state, style=STATE_STYLE.get(st.state, "")),
-            Text(",".join(st.job_ids) or ("-" if st.where == "batch" else st.where or "-")),
-            Text(st.node or "-"),
-            Text(st.elapsed or "-"),
-            Text(progress_cell(st)),
-            Text(_note(st)),
-        )
+        jobs = ",".join(st.job_ids) or ("-" if st.where == "batch" else st.where or "-")
+        cells = [Text(st.name), Text(st.state, style=STATE_STYLE.get(st.state, "")), Text(jobs)]
+        if not compact:
+            cells.append(Text(st.node or "-"))
+        cells += [Text(st.elapsed or "-"), Text(_short_progress(st) if compact else progress_cell(st)), Text(_note(st))]
+        rows.append(cells)
+    widths = [max([len(col)] + [len(r[i].plain) for r in rows]) for i, col in enumerate(columns[:-1])]
+    for i, col in enumerate(columns):
+        if i == len(columns) - 1:  # the note takes what is left; cut between words when narrow
+            table.add_column(col, overflow="fold", no_wrap=compact)
+        else:  # never broken: as wide as its widest cell
+            table.add_column(col, no_wrap=True, min_width=widths[i])
+    room = (width or 10 ** 6) - sum(w + 3 for w in widths) - 2
+    for cells in rows:
+        if compact:
+            cells[-1] = Text(_cut_words(cells[-1].plain, room))
+        table.add_row(*cells)
     parts: List[Any] = [table]
     for st in states.values():
         if not st.hint and not st.log_tail:
@@ -370,9 +462,75 @@ def render_status(run, states, footer: str = ""):
             parts.append(Text(f"  last lines of {st.log_file}:", style="dim"))
             for line in st.log_tail:
                 parts.append(Text("    " + line))
+    sweep = run.record.get("sweep")
+    if sweep:
+        parts.append(render_sweep(sweep, states))
     if footer:
         parts.append(Text(footer, style="dim"))
     return Group(*parts)
+
+
+def render_sweep(record, states):
+    """One row per sweep point: its values, state and final metric, best first."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    from .sweep import rows
+
+    points = rows(record, states)
+    metric = next((r["metric"] for r in points if r["metric"]), record.get("metric") or "metric")
+    from rich.console import Group
+
+    title = Text(f"sweep: {len(points)} points over {', '.join(record.get('keys', []))} "
+                 f"(stages {', '.join(record.get('stages', []))}), best {metric} first")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ["point", *record.get("keys", []), "state", metric]:
+        table.add_column(col, no_wrap=True)
+    for r in points:
+        table.add_row(str(r["index"]), *[str(r["values"].get(k)) for k in record.get("keys", [])],
+                      Text(r["state"], style=STATE_STYLE.get(r["state"], "")),
+                      f"{r['value']:.4g}" if r["value"] is not None else "-")
+    return Group(Text(""), title, table)
+
+
+def _cut_words(text: str, room: int) -> str:
+    """``text`` in at most ``room`` characters, cut between words, with an ellipsis."""
+    if len(text) <= room:
+        return text
+    cut = text[:max(0, room - 1)]
+    if " " in cut:
+        cut = cut[:cut.rstrip().rfind(" ")].rstrip()
+    return cut + "…" if room > 1 else ""
+
+
+def _short_progress(st) -> str:
+    """``45% 12/40 ETA 3m`` without a bar (narrow terminals)."""
+    p = st.progress or {}
+    if p.get("fraction") is None:
+        return "stale" if p.get("stale") else ""
+    fraction = 1.0 if st.state == "COMPLETED" else p["fraction"]
+    text = f"{fraction * 100:.0f}%"
+    if st.state == "RUNNING" and p.get("eta_s") is not None and not p.get("stale"):
+        text += f" ETA {_duration(p['eta_s'])}"
+    return text + (" STALE" if p.get("stale") else "")
+
+
+def render_tasks(run, st):
+    """``status RUN STAGE``: one row per task of an array stage (or the stage itself)."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    title = f"run {run.id}, stage {st.name}: {st.state}" + (f" ({st.task_counts})" if st.task_list else "")
+    table = Table(title=Text(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("task", "state", "job", "node", "elapsed", "progress", "last metric", "best"):
+        table.add_column(col, overflow="fold")
+    for t in st.task_list:
+        note = t.metric or (_fmt_result(t.result) if t.result and t.state == "COMPLETED" else "") or (t.error[:60] if t.error else "")
+        table.add_row(Text(str(t.index)), Text(t.state, style=STATE_STYLE.get(t.state, "")), Text(t.job_id or "-"),
+                      Text(t.node or "-"), Text(t.elapsed or "-"), Text(progress_cell(t)), Text(note), Text(t.best or "-"))
+    return table
 
 
 def _console(file=None):
@@ -391,17 +549,14 @@ def status_text(run, states, width: int = 160) -> str:
     from rich.console import Console
 
     buf = io.StringIO()
-    Console(file=buf, width=width, color_system=None, highlight=False).print(render_status(run, states))
+    Console(file=buf, width=width, color_system=None, highlight=False).print(render_status(run, states, width=width))
     return buf.getvalue()
 
 
 def _status_json(run, states) -> Dict[str, Any]:
-    from .status import run_finished
+    from .schema import run_document
 
-    return {"run": run.id, "run_dir": str(run.dir), "workflow": run.workflow,
-            "backend": run.record.get("backend"), "cluster": run.record.get("cluster"),
-            "debug": bool(run.record.get("debug")), "finished": run_finished(states),
-            "stages": [s.as_dict() for s in states.values()]}
+    return run_document(run, states)
 
 
 def _run_exit(states) -> int:
@@ -422,12 +577,12 @@ def watch(run, interval: float = 5.0, as_json: bool = False, max_s: Optional[flo
             from rich.live import Live
 
             states = stage_states(run)
-            with Live(render_status(run, states, footer), console=console, refresh_per_second=2,
+            with Live(render_status(run, states, footer, console.width), console=console, refresh_per_second=2,
                       auto_refresh=False) as live:
                 while not run_finished(states) and not (deadline and time.monotonic() > deadline):
                     time.sleep(interval)
                     states = stage_states(run)
-                    live.update(render_status(run, states, footer), refresh=True)
+                    live.update(render_status(run, states, footer, console.width), refresh=True)
             return _run_exit(states)
         last = None
         while True:
@@ -440,7 +595,7 @@ def watch(run, interval: float = 5.0, as_json: bool = False, max_s: Optional[flo
                     print(json.dumps(_status_json(run, states), default=str), flush=True)
                 else:
                     console.print(f"-- {time.strftime('%H:%M:%S')}")
-                    console.print(render_status(run, states))
+                    console.print(render_status(run, states, width=console.width))
             if finished or (deadline and time.monotonic() > deadline):
                 return _run_exit(states)
             time.sleep(interval)
@@ -457,6 +612,7 @@ def cmd_status(argv: List[str]) -> int:
     p = argparse.ArgumentParser(prog="python launch.py status",
                                 description="Stage states, progress and failures of a run.")
     p.add_argument("run", nargs="?", help="run id, run directory or 'last' (default: list recent runs)")
+    p.add_argument("stage", nargs="?", help="a stage: list its array tasks (state, job, node, progress, metrics)")
     p.add_argument("--json", action="store_true", help="one JSON object (with --watch: one per change)")
     p.add_argument("--watch", "-w", action="store_true", help="refresh until the run ends (Ctrl-C stops watching)")
     p.add_argument("--interval", type=float, default=5.0, metavar="S", help="--watch refresh interval (default 5 s)")
@@ -465,11 +621,7 @@ def cmd_status(argv: List[str]) -> int:
         raise UserError(f"--interval {args.interval}: give a positive number of seconds")
     if not args.run:
         runs = recent_runs(10)
-        if args.json:
-            print(json.dumps([{"run": r.id, "workflow": r.workflow, "run_dir": str(r.dir),
-                               "created": r.record.get("created")} for r in runs], indent=2))
-            return 0
-        if not runs:
+        if not runs and not args.json:
             print("no runs yet: python launch.py list, then python launch.py WORKFLOW")
             return 0
         ids = [i for r in runs for i in run_job_ids(r)]
@@ -477,23 +629,41 @@ def cmd_status(argv: List[str]) -> int:
 
         if ids and slurm.available():
             poller.query(ids)  # ONE scheduler call (at most) for every listed run
-        rows = []
+        listing = []
         for r in runs:
-            states = stage_states(r, triage=False)
             counts: Dict[str, int] = {}
-            for s in states.values():
+            for s in ({} if r.damaged else stage_states(r, triage=False)).values():
                 counts[s.state] = counts.get(s.state, 0) + 1
-            rows.append((r.id, r.workflow, r.record.get("cluster", ""), " ".join(f"{k}:{v}" for k, v in counts.items())))
-        _table(["run", "workflow", "cluster", "stages"], rows)
+            listing.append((r, counts))
+        if args.json:
+            from .schema import runs_document
+
+            print(json.dumps(runs_document(listing), indent=2))
+            return 0
+        _table(["run", "workflow", "cluster", "stages"],
+               [(r.id, r.workflow, r.record.get("cluster", ""),
+                 "DAMAGED record (run.json unreadable)" if r.damaged else " ".join(f"{k}:{v}" for k, v in counts.items()))
+                for r, counts in listing])
         return 0
     run = find_run(args.run)
+    if args.stage:
+        run.stage(args.stage)  # an unknown stage: one line, exit 2
+        st = stage_states(run)[args.stage]
+        if args.json:
+            from .schema import stage_document
+
+            print(json.dumps(stage_document(run, st), indent=2, default=str))
+        else:
+            _console().print(render_tasks(run, st))
+        return 0
     if args.watch:
         return watch(run, args.interval, as_json=args.json)
     states = stage_states(run)
     if args.json:
         print(json.dumps(_status_json(run, states), indent=2, default=str))
         return 0
-    _console().print(render_status(run, states))
+    console = _console()
+    console.print(render_status(run, states, width=console.width))
     return 0
 
 
@@ -503,6 +673,13 @@ def _print_text(text: str) -> None:
     if text and not text.endswith("\n"):
         sys.stdout.write("\n")
     sys.stdout.flush()
+
+
+def _last(lines: List[str], n: Optional[int]) -> List[str]:
+    """The last ``n`` lines (all when ``n`` is None, none when it is 0)."""
+    if n is None:
+        return lines
+    return lines[-n:] if n > 0 else []
 
 
 def _follow_files(files_fn, done_fn, positions: Dict[str, int], poll: float = 0.3) -> int:
@@ -562,25 +739,28 @@ def cmd_logs(argv: List[str]) -> int:
     p.add_argument("--attempt", type=int, metavar="N",
                    help="only attempt N (1 = the first submission; requeues and resumes count up; -1 = the last)")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing as the log grows, until the stage ends")
-    p.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
+    p.add_argument("-n", "--lines", type=int, default=None, metavar="N",
+                   help="only the last N lines (0: none, e.g. with -f to see only what comes next)")
     args = p.parse_args(argv)
+    if args.lines is not None and args.lines < 0:
+        raise UserError(f"-n {args.lines}: give a number of lines, 0 or more")
     run = find_run(args.run)
     stage = args.stage
     if stage is None:
-        started = [n for n in run.record["order"] if log_files(run, n)]
+        started = [n for n in run.order if log_files(run, n)]
         if not started:
             raise UserError(f"run {run.id}: no stage has written a log yet")
         stage = started[-1]
-    entry = run.stage(stage)
-    if args.task is not None and not entry.get("array"):
+    rec = run.stage(stage)
+    if args.task is not None and not rec.array:
         raise UserError(f"--task: stage '{stage}' is not an array")
-    if args.task is not None and not 0 <= args.task < int(entry.get("array") or 0):
-        raise UserError(f"--task {args.task}: stage '{stage}' has tasks 0..{int(entry['array']) - 1}")
-    slurm_stage = entry.get("where") == "batch" and run.record.get("backend") == "slurm" and entry.get("jobs")
+    if args.task is not None and not 0 <= args.task < rec.num_tasks:
+        raise UserError(f"--task {args.task}: stage '{stage}' has tasks 0..{rec.num_tasks - 1}")
+    slurm_stage = rec.where == "batch" and run.backend == "slurm" and bool(rec.jobs)
     if args.attempt is not None:
         if not slurm_stage:
             raise UserError(f"--attempt: stage '{stage}' ran here, not as a Slurm job; it has one log")
-        task = args.task if args.task is not None or not entry.get("array") else 0
+        task = args.task if args.task is not None or not rec.array else 0
         attempts = log_attempts(run, stage, task, args.rank)
         if not attempts:
             raise UserError(f"run {run.id}: stage '{stage}' has no log yet")
@@ -595,7 +775,7 @@ def cmd_logs(argv: List[str]) -> int:
                 continue
             print(f"==> {key} <==")
             lines = text.splitlines()
-            _print_text("\n".join(lines[-args.lines:] if args.lines else lines))
+            _print_text("\n".join(_last(lines, args.lines)))
         if args.follow and att.number != len(attempts):
             raise UserError(f"-f follows the newest attempt ({len(attempts)}), not attempt {att.number}")
         if not args.follow:
@@ -611,7 +791,7 @@ def cmd_logs(argv: List[str]) -> int:
         raise UserError(f"run {run.id}: stage '{stage}' has no log yet (python launch.py status {run.id}, "
                         f"or logs -f to wait for it)")
     if slurm_stage and args.attempt is None:
-        task = args.task if args.task is not None or not entry.get("array") else 0
+        task = args.task if args.task is not None or not rec.array else 0
         attempts = log_attempts(run, stage, task, args.rank)
         if len(attempts) > 1:
             print(f"# {len(attempts)} attempts: " + ", ".join(f"{a.number} (job {a.job_id}, {a.how})" for a in attempts)
@@ -620,7 +800,7 @@ def cmd_logs(argv: List[str]) -> int:
         for path in files:
             if len(files) > 1:
                 print(f"==> {path} <==")
-            lines = tail_lines(path, args.lines, max_bytes=1 << 30) if args.lines else \
+            lines = _last(tail_lines(path, args.lines, max_bytes=1 << 30), args.lines) if args.lines is not None else \
                 path.read_text(errors="replace").splitlines()
             _print_text("\n".join(lines))
     for path in files:
@@ -710,15 +890,18 @@ def cmd_cancel(argv: List[str]) -> int:
     from .ledger import find_run
     from .status import cancel
 
-    p = argparse.ArgumentParser(prog="python launch.py cancel", description="Cancel a run's jobs (or some stages').")
+    p = argparse.ArgumentParser(prog="python launch.py cancel", description="Cancel a run's jobs (or some stages', or one task's).")
     p.add_argument("run")
     p.add_argument("stages", nargs="*")
+    p.add_argument("--task", type=int, metavar="I", help="only task I of the (one) array stage named")
     args = p.parse_args(argv)
     run = find_run(args.run)
     for name in args.stages:
         run.stage(name)
+    if args.task is not None and len(args.stages) != 1:
+        raise UserError("--task needs exactly one stage: python launch.py cancel RUN STAGE --task I")
     with run.lock("cancel"):
-        ids = cancel(run, args.stages or None)
+        ids = cancel(run, args.stages or None, task=args.task)
     print(f"cancelled {len(ids)} job(s) of run {run.id}: {' '.join(ids) or '(none submitted)'}")
     return 0
 
@@ -728,20 +911,27 @@ def cmd_resume(argv: List[str]) -> int:
     from .ledger import find_run
 
     p = argparse.ArgumentParser(prog="python launch.py resume",
-                                description="Resubmit the stages that did not complete, and their descendants.")
+                                description="Run login steps whose parents completed; else resubmit the stage tasks "
+                                            "that did not complete (only those tasks of an array), and what depends on them.")
     p.add_argument("run")
+    p.add_argument("--follow", action="store_true", help="stay and show status until the run ends (runs login steps when due)")
+    p.add_argument("--json", action="store_true", help="print the run's status as one JSON object instead of a table")
     args = p.parse_args(argv)
     run = find_run(args.run)
-    if run.record.get("backend") == "slurm":
-        from .status import stage_states
-
-        stage_states(run, triage=False, fresh=True)  # resume decides on a fresh answer, not a 30 s old one
-    failed = resume(run, echo=_echo)
-    if run.record.get("backend") == "slurm":
+    echo = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else _echo
+    failed = resume(run, echo=echo)
+    if run.backend == "slurm":
         from . import poller
 
         poller.invalidate()
-    cmd_status([run.id])
+    if args.follow and run.backend == "slurm":
+        return _follow(run)
+    if args.json:
+        from .status import stage_states
+
+        print(json.dumps(_status_json(run, stage_states(run)), indent=2, default=str))
+    else:
+        cmd_status([run.id])
     return 1 if failed else 0
 
 
@@ -752,7 +942,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(TOP_HELP)
             return 0 if argv else 2
         command, rest = argv[0], argv[1:]
-        handlers = {"list": cmd_list, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
+        handlers = {"list": cmd_list, "run": cmd_run, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
                     "resume": cmd_resume, "profiles": cmd_profiles, "debug": cmd_debug, "report": cmd_report}
         if command in handlers:
             return handlers[command](rest)

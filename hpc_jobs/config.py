@@ -50,6 +50,11 @@ def leaf_types(cls: type, prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def type_name(tp: Any) -> str:
+    """How a config type reads in help and errors: ``int``, ``a list of float``, ``one of 'a', 'b'``."""
+    return _type_name(tp)
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is typing.Literal:
@@ -84,7 +89,10 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
         raise ConfigError(f"config '{key}': {value!r} is not {_type_name(tp)}")
     if origin in (list, List, tuple, typing.Sequence):
         if isinstance(value, str):  # allow --set topology=512,256
-            value = [_yaml().safe_load(v) for v in value.split(",") if v.strip()]
+            if value.strip()[:1] in ("[", "{") or value.strip()[-1:] in ("]", "}"):
+                raise ConfigError(f"config '{key}': {value!r} is not {_type_name(tp)}: its brackets do not "
+                                  f"balance (write e.g. [512, 256] or 512,256)")
+            value = [_scalar(v) for v in value.split(",") if v.strip()]
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]  # --set dropout=0.5: a one-element list
         if not isinstance(value, (list, tuple)):
@@ -164,6 +172,15 @@ def build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
         elif f"{prefix}{name}" in values:
             kwargs[name] = values[f"{prefix}{name}"]
     return cls(**kwargs)
+
+
+def _scalar(text: str) -> Any:
+    """One YAML scalar as typed on a command line; what YAML cannot read stays the typed string
+    (coercion to the field's type then names the bad value)."""
+    try:
+        return _yaml().safe_load(text)
+    except Exception:
+        return text
 
 
 def load_yaml_file(path: str) -> Dict[str, Any]:

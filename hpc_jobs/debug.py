@@ -73,16 +73,27 @@ def _upstream_complete(src, parent: str) -> Optional[str]:
     """None when ``parent`` completed in run ``src``; else why not."""
     from .runtime import read_marker
 
-    entry = src.record.get("stages", {}).get(parent)
-    if entry is None:
+    rec = src.stages.get(parent)
+    if rec is None:
         return f"run {src.id} has no stage '{parent}'"
     stage_dir = src.stage_dir(parent)
-    tasks = range(entry["array"]) if entry.get("array") else [None]
-    for task in tasks:
+    for task in rec.task_indices:
         marker = read_marker(stage_dir, task)
         if not marker or marker.get("state") != "COMPLETED":
             what = f"task {task} of " if task is not None else ""
             return f"{what}stage '{parent}' did not complete in run {src.id} ({(marker or {}).get('state', 'no marker')})"
+    return None
+
+
+def _newest_run_with(workflow: str, stages) -> Optional[Any]:
+    """The newest recorded run of ``workflow`` in which every one of ``stages`` completed."""
+    from .ledger import recent_runs
+
+    for run in recent_runs(limit=200):
+        if run.damaged or run.workflow != workflow or run.record.get("debug") or run.record.get("dry_run"):
+            continue
+        if all(name in run.stages and _upstream_complete(run, name) is None for name in stages):
+            return run
     return None
 
 
@@ -94,7 +105,7 @@ def prepare(req, dreq: DebugRequest, echo: Callable[[str], None] = print) -> Deb
 
     if not req.run_name:
         req = dataclasses.replace(req, run_name=f"debug-{dreq.stage}-{_stamp()}-{os.urandom(2).hex()}")
-    plan = launchmod.make_plan(req)
+    plan = launchmod.make_plan(req)  # applies --container too: the debug step runs in that image
     if dreq.stage not in plan.pipeline.stages:
         raise UserError(f"workflow '{plan.workflow.name}' has no stage '{dreq.stage}' "
                         f"(stages: {', '.join(plan.pipeline.order)})")
@@ -110,9 +121,15 @@ def prepare(req, dreq: DebugRequest, echo: Callable[[str], None] = print) -> Deb
     src = None
     if parents:
         if not dreq.from_run:
-            raise UserError(
-                f"stage '{stage.name}' reads outputs of {', '.join(parents)}: give --from-run RUN, a run of "
-                f"'{plan.workflow.name}' where they completed (python launch.py status lists runs)")
+            found = _newest_run_with(plan.workflow.name, parents)
+            if found is None:
+                raise UserError(
+                    f"stage '{stage.name}' reads outputs of {', '.join(parents)}, and no earlier run of "
+                    f"'{plan.workflow.name}' completed them: launch one first (python launch.py {plan.workflow.name}), "
+                    f"or give --from-run RUN")
+            echo(f"debug: the inputs of stage {stage.name} come from run {found.id} (the newest where "
+                 f"{', '.join(parents)} completed; --from-run RUN picks another)")
+            dreq = dataclasses.replace(dreq, from_run=str(found.dir))
         src = find_run(dreq.from_run)
         if src.workflow != plan.workflow.name:
             raise UserError(f"--from-run {dreq.from_run} is a '{src.workflow}' run, not '{plan.workflow.name}'")
@@ -125,16 +142,16 @@ def prepare(req, dreq: DebugRequest, echo: Callable[[str], None] = print) -> Deb
     if backend == "slurm" and not dreq.dry_run:
         launchmod.preflight(plan, jobs, test_only=False)
     run = launchmod.record_run(plan, req, jobs)
-    for name, entry in run.record["stages"].items():
+    for name, rec in run.stages.items():
         if name == stage.name:
-            entry.update(state="PLANNED", debug=True)
+            rec.state, rec.debug = "PLANNED", True
         elif name in parents:
-            entry.update(state="COMPLETED", reused_from=str(src.dir), reason=f"reused from run {src.id}")
+            rec.state, rec.reused_from, rec.reason = "COMPLETED", str(src.dir), f"reused from run {src.id}"
             link = run.stage_dir(name)
             shutil.rmtree(link, ignore_errors=True)
             link.symlink_to(src.stage_dir(name), target_is_directory=True)
         else:
-            entry.update(state="SKIPPED", reason=f"debug run of stage {stage.name}")
+            rec.state, rec.reason = "SKIPPED", f"debug run of stage {stage.name}"
     run.record.update(debug=True, debug_stage=stage.name, debug_task=dreq.task,
                       from_run=str(src.dir) if src else None, dry_run=bool(dreq.dry_run))
     if src is not None:
@@ -162,25 +179,44 @@ def prepare(req, dreq: DebugRequest, echo: Callable[[str], None] = print) -> Deb
 
     job = jobs[stage.name][0]
     pty = ["--pty"] if sys.stdin.isatty() else []
+    container = None
+    if job.container:  # the same image, binds and environment as the batch job's step
+        from . import container as containermod
+
+        container = containermod.Container(**job.container)
+        python = (container.python or "python").replace("{launch_python}", shlex.quote(plan.launch_python))
     inner_cmd = f"{python} {shlex.join(inner_args)}"
     # cwd = the run directory, as on the local backend: ``python -m`` puts the cwd first on
     # sys.path, and the checkout's code must not shadow the run's code snapshot
     chdir = [f"--chdir={run.dir}"]
+    prelude: List[str] = []
+
+    def step(srun: List[str], inner: str) -> str:
+        nonlocal prelude
+        if container is None:
+            return f"{shlex.join(srun)} {inner}"
+        wrapped = containermod.wrap_step(
+            container, srun, inner, run_dir=job.run_dir, data_root=str(plan.profile.data_root),
+            code_dir=job.code_dir, stage_dir=str(stage_dir), uses_gpus=stage.resources.uses_gpus, relay=False)
+        prelude = wrapped.prelude
+        return wrapped.command
+
     if dreq.shell:
         srun = ["srun", *pty, *chdir, "--ntasks=1", "--nodes=1"]
         body = (f"export HPC_JOBS_DEBUG_CMD={shlex.quote(inner_cmd)}\n"
                 f"echo \"hpc-jobs debug shell for stage {stage.name} (job $SLURM_JOB_ID). Run the stage: "
                 f"\\$HPC_JOBS_DEBUG_CMD   (all ranks: srun --overlap \\$HPC_JOBS_DEBUG_CMD); exit to release.\"\n"
-                f"{shlex.join(srun)} bash -i")
+                f"{step(srun, 'bash -i')}")
     else:
         srun = ["srun", *pty, *chdir, "--unbuffered"]
-        body = f"{shlex.join(srun)} {inner_cmd}"
+        body = step(srun, inner_cmd)
     jobid_file = stage_dir / "debug.jobid"
     command = f"echo \"$SLURM_JOB_ID\" > {shlex.quote(str(jobid_file))}\n{body}"
     directives = [d for d in job.directives if d[0] in SALLOC_KEYS]
     directives = [(k, f"{v}.debug") if k == "job-name" else (k, v) for k, v in directives]
     debug_job = dataclasses.replace(job, command=command, script_path=str(stage_dir / "debug.sh"),
-                                    directives=directives, array=None, dependencies=[])
+                                    directives=directives, array=None, dependencies=[],
+                                    prelude=prelude, epilogue=[])
     if dreq.task is not None:  # what an array task sees in the batch job
         debug_job = dataclasses.replace(debug_job, env=[*debug_job.env, ("SLURM_ARRAY_TASK_ID", str(dreq.task))])
     text = rendermod.render(debug_job)
@@ -221,8 +257,8 @@ def _local_env(run_dir: Path, stage: str) -> Dict[str, str]:
 def execute(dplan: DebugPlan, dreq: DebugRequest, echo: Callable[[str], None] = print) -> int:
     """Run the debug session in the foreground; record how it ended in run.json."""
     run = dplan.run
-    entry = run.record["stages"][dplan.stage]
-    entry.update(state="RUNNING", started=time.time(), attempts=1)
+    rec = run.stage(dplan.stage)
+    rec.state, rec.started, rec.attempts = "RUNNING", time.time(), 1
     run.save()
     if dplan.backend == "slurm":
         echo(f"debug run {run.id}: {' '.join(shlex.quote(a) for a in dplan.salloc)}")
@@ -238,21 +274,21 @@ def execute(dplan: DebugPlan, dreq: DebugRequest, echo: Callable[[str], None] = 
     except KeyboardInterrupt:
         code = 130
     run.reload()
-    entry = run.record["stages"][dplan.stage]
+    rec = run.stage(dplan.stage)
     jobid = run.stage_dir(dplan.stage) / "debug.jobid"
     if jobid.exists():
-        entry["job_id"] = jobid.read_text().strip()
+        rec.job_id = jobid.read_text().strip()
     from .runtime import read_marker
 
     marker = read_marker(run.stage_dir(dplan.stage), dreq.task)
     if dreq.shell and (not marker or marker.get("state") == "RUNNING"):
         state = "COMPLETED" if code == 0 else "FAILED"
-        entry["reason"] = "interactive shell"
+        rec.reason = "interactive shell"
     elif marker and marker.get("state") in ("COMPLETED", "FAILED"):
         state = marker["state"]
     else:
         state = "COMPLETED" if code == 0 else "FAILED"
-    entry.update(state=state, ended=time.time(), exit_code=code)
+    rec.state, rec.ended, rec.exit_code = state, time.time(), code
     run.save()
     echo(f"debug run {run.id}: stage {dplan.stage} {state} (exit code {code}); "
          f"python launch.py status {run.id}")

@@ -12,20 +12,21 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import config as cfgmod
 from . import profiles as profmod
 from . import render as rendermod
 from . import workflow as wfmod
-from .errors import PreflightError, SubmitError, UserError
+from .errors import PreflightError, UserError
 from .ledger import Run, new_run_id
 from .profiles import ClusterProfile
+from .record import StageRecord, array_directive, compress_indices, task_chunks
 from .runtime import StageRunner, write_runner
 from .spec import Pipeline, Stage
+from . import states as statesmod
 
 Echo = Callable[[str], None]
 
@@ -41,6 +42,9 @@ class LaunchRequest:
     run_name: Optional[str] = None
     dry_run: bool = False
     argv: List[str] = field(default_factory=list)
+    sweep: List[str] = field(default_factory=list)  # --sweep KEY=V1,V2 (hpc_jobs/sweep.py)
+    sweep_from: Optional[str] = None
+    sweep_parallel: Optional[int] = None
 
 
 @dataclass
@@ -56,6 +60,8 @@ class Plan:
     launch_python: str
     account: Optional[str]
     preset: Optional[str] = None  # the preset applied (given, or chosen by the workflow)
+    sweep: Optional[Any] = None  # hpc_jobs.sweep.Sweep
+    point_configs: List[Any] = field(default_factory=list)  # the config of each sweep point
 
 
 # -- planning ------------------------------------------------------------------------------------
@@ -69,30 +75,92 @@ def make_plan(req: LaunchRequest) -> Plan:
     config = wf_cls.make_config(preset, req.config_file, req.overrides)
     pipeline = wf_cls(config, opts).build()
     apply_cli_resources(pipeline, opts)
+    from . import sweep as sweepmod
+    from .container import apply_cli_container
+
+    apply_cli_container(pipeline, opts)  # --container IMAGE: every batch stage runs in that image
+    place_login_steps(pipeline, profile)
+
+    sweep = sweepmod.parse(req.sweep)
+    point_configs: List[Any] = []
+    if sweep is not None:
+        sweepmod.check_keys(sweep, wf_cls.config_keys())
+        point_configs = [wf_cls.make_config(preset, req.config_file, {**req.overrides, **point}) for point in sweep.points]
+        start_stage = sweepmod.first_swept_stage(pipeline, req.sweep_from, wf_cls.sweep_from)
+        sweepmod.apply(pipeline, sweep, start_stage, req.sweep_parallel)
+        sweep.metric, sweep.mode = wf_cls.sweep_metric, wf_cls.sweep_mode
+        pipeline = Pipeline(pipeline.workflow, list(pipeline))  # validate the arrays and per-task edges again
     run_id = new_run_id(req.run_name)
     run_dir = profile.runs_root / wf_cls.name / run_id
-    return Plan(wf_cls, config, profile, pipeline, run_id, run_dir, sys.executable, opts.account, preset)
+    return Plan(wf_cls, config, profile, pipeline, run_id, run_dir, sys.executable, opts.account, preset,
+                sweep, point_configs)
 
 
 def apply_cli_resources(pipeline: Pipeline, opts: wfmod.LaunchOptions) -> None:
-    """``--partition``/``--time``/``--gpu-type`` size the GPU stages (every batch stage when none uses GPUs)."""
+    """``--partition``/``--time``/``--gpu-type`` size the GPU stages (every batch stage when none
+    uses GPUs); an explicit ``--gpus N`` bounds every GPU stage at N GPUs per node, whatever a
+    preset asked for it."""
     batch = [s for s in pipeline if s.where == "batch"]
     targets = [s for s in batch if s.resources.uses_gpus] or batch
     for stage in targets:
-        stage.resources = stage.resources.replace(partition=opts.partition, time=opts.time, gpu_type=opts.gpu_type)
+        res = stage.resources.replace(partition=opts.partition, time=opts.time, gpu_type=opts.gpu_type, mem=opts.mem,
+                                      cpus_per_task=opts.cpus_per_task, qos=opts.qos, constraint=opts.constraint,
+                                      exclude=opts.exclude, mail_type=opts.mail_type, mail_user=opts.mail_user)
+        if opts.sbatch:
+            res = dataclasses.replace(res, sbatch=tuple(res.sbatch) + tuple(opts.sbatch))
+        if opts.gpus_given and res.gpus_per_node > opts.gpus >= 1:
+            tasks = res.tasks_per_node
+            res = dataclasses.replace(res, gpus_per_node=opts.gpus,
+                                      tasks_per_node=opts.gpus if tasks == res.gpus_per_node else tasks)
+        stage.resources = res
         stage.resources.validate(f"stage '{stage.name}'")
+    for item in opts.stage_sets:
+        apply_stage_set(pipeline, item)
 
 
-def chunks(n_tasks: int, max_array: int) -> List[range]:
-    """Task index ranges of the array chunks (Slurm array indices must stay below MaxArraySize)."""
-    size = max(1, max_array - 1) if max_array > 1 else 1
-    return [range(start, min(n_tasks, start + size)) for start in range(0, n_tasks, size)]
+#: what --stage-set may change, with its type
+STAGE_FIELDS = {"nodes": int, "gpus_per_node": int, "tasks_per_node": int, "cpus_per_task": int, "mem": str,
+                "time": str, "partition": str, "qos": str, "constraint": str, "exclude": str, "gpu_type": str,
+                "mail_type": str, "mail_user": str}
 
 
-def job_for(plan: Plan, stage: Stage, deps: Sequence[rendermod.Dependency], chunk: int, tasks: Optional[range]):
+def apply_stage_set(pipeline: Pipeline, item: str) -> None:
+    """``--stage-set train.mem=64G``: one stage's resources, validated like the rest."""
+    target, eq, value = item.partition("=")
+    stage_name, dot, field_name = target.partition(".")
+    if not eq or not dot or not value:
+        raise UserError(f"--stage-set '{item}' is not STAGE.FIELD=VALUE (e.g. --stage-set train.mem=64G)")
+    if stage_name not in pipeline.stages:
+        raise UserError(f"--stage-set '{item}': no stage '{stage_name}' (stages: {', '.join(pipeline.order)})")
+    kind = STAGE_FIELDS.get(field_name.replace("-", "_"))
+    if kind is None:
+        raise UserError(f"--stage-set '{item}': '{field_name}' is not a resource; use one of {', '.join(STAGE_FIELDS)}")
+    try:
+        typed = kind(value)
+    except ValueError:
+        raise UserError(f"--stage-set '{item}': '{value}' is not a whole number") from None
+    stage = pipeline[stage_name]
+    stage.resources = dataclasses.replace(stage.resources, **{field_name.replace("-", "_"): typed})
+    stage.resources.validate(f"--stage-set {stage_name}")
+
+
+def place_login_steps(pipeline: Pipeline, profile: ClusterProfile) -> None:
+    """A login step after batch stages (a download of what a batch stage selected) runs as a small
+    CPU job where compute nodes reach the internet (and on the local backend, in order); elsewhere
+    it stays a login step that waits for its parents."""
+    if profile.backend == "slurm" and not profile.compute_internet:
+        return
+    for stage in pipeline:
+        if stage.where == "login" and any(pipeline[a].where == "batch" for a in pipeline.ancestors(stage.name)):
+            stage.where = "batch"
+            stage.kind = stage.kind or "cpu"
+
+
+def job_for(plan: Plan, stage: Stage, deps: Sequence[rendermod.Dependency], chunk: int,
+            tasks: Optional[Tuple[int, List[int]]]):
     array = None
     if stage.array is not None and tasks is not None:
-        array = rendermod.array_spec(0, len(tasks) - 1, stage.array_parallelism)
+        array = array_directive(tasks[1], tasks[0], stage.array_parallelism)
     return rendermod.build_job(
         stage,
         plan.profile,
@@ -127,8 +195,8 @@ def preview_jobs(plan: Plan) -> Dict[str, List[rendermod.JobScript]]:
             continue
         parents = [p for p in stage.parents() if plan.pipeline[p].where == "batch"]
         deps = [rendermod.Dependency("afterok", [f"<{p}>" for p in parents])] if parents else []
-        task_chunks = chunks(stage.num_tasks, max_array) if stage.array else [None]
-        out[stage.name] = [job_for(plan, stage, deps, i, c) for i, c in enumerate(task_chunks)]
+        parts = task_chunks(range(stage.num_tasks), max_array) if stage.array else [None]
+        out[stage.name] = [job_for(plan, stage, deps, i, c) for i, c in enumerate(parts)]
     return out
 
 
@@ -196,11 +264,23 @@ def _partition_limits(profile: ClusterProfile) -> Dict[str, Dict[str, Any]]:
             name: {"max_time_s": p.max_time_s, "gpus_per_node": p.gpus_per_node, "gpu_types": [], "nodes": p.nodes}
             for name, p in slurm.scheduler_partitions().items()
         }
-    return {
+    limits = {
         name: {"max_time_s": p.max_seconds, "gpus_per_node": p.gpus_per_node if p.gpus_per_node else None,
                "gpu_types": p.gpu_types, "nodes": p.nodes}
         for name, p in profile.partitions.items()
     }
+    from . import slurm
+
+    if profile.backend == "slurm" and slurm.available():
+        # on the cluster itself: what the partition's nodes really have (sinfo) wins over the profile
+        try:
+            real = slurm.scheduler_partitions()
+        except UserError:
+            real = {}
+        for name, part in real.items():
+            if name in limits:
+                limits[name]["gpus_per_node"] = part.gpus_per_node
+    return limits
 
 
 def _test_only(plan: Plan, jobs: Dict[str, List[rendermod.JobScript]]) -> None:
@@ -223,6 +303,7 @@ def _test_only(plan: Plan, jobs: Dict[str, List[rendermod.JobScript]]) -> None:
 
 # -- recording -----------------------------------------------------------------------------------
 def _runner(plan: Plan, stage: Stage) -> StageRunner:
+    pipeline = plan.pipeline
     return StageRunner(
         run_dir=str(plan.run_dir),
         stage=stage.name,
@@ -230,11 +311,12 @@ def _runner(plan: Plan, stage: Stage) -> StageRunner:
         config=plan.config,
         inputs=dict(stage.inputs),
         outputs=dict(stage.outputs),
-        upstream_tasks={p: plan.pipeline[p].num_tasks for p in stage.parents()},
+        upstream={p: {"array": pipeline[p].array, "outputs": dict(pipeline[p].outputs)} for p in stage.parents()},
         data_root=str(plan.profile.data_root),
         task_index=None,
         num_tasks=stage.num_tasks,
         max_requeues=stage.max_requeues,
+        point_configs=list(plan.point_configs) if plan.sweep and stage.name in plan.sweep.stages else None,
     )
 
 
@@ -253,27 +335,26 @@ def record_run(plan: Plan, req: LaunchRequest, jobs: Dict[str, List[rendermod.Jo
         yaml.safe_dump(dataclasses.asdict(plan.profile), sort_keys=False),
     )
     run.snapshot_code()
-    stages: Dict[str, Any] = {}
     for desc, stage in zip(plan.pipeline.describe(), plan.pipeline):
         stage_dir = run.stage_dir(stage.name)
         stage_dir.mkdir(parents=True, exist_ok=True)
         write_runner(stage_dir, _runner(plan, stage))
-        entry = dict(desc)
-        entry.update(state="PLANNED", jobs=[], attempts=0)
+        rec = StageRecord.from_dict(dict(desc))
         if stage.name in jobs:
-            entry["script"] = jobs[stage.name][0].script_path
-            entry["job_templates"] = [dataclasses.asdict(j) for j in jobs[stage.name]]
-        stages[stage.name] = entry
+            rec.script = jobs[stage.name][0].script_path
+            rec.job_templates = [dataclasses.asdict(j) for j in jobs[stage.name]]
+        run.stages[stage.name] = rec
     run.record.update(
         backend=plan.profile.backend,
         cluster=plan.profile.name,
         data_root=str(plan.profile.data_root),
         submit_rate=plan.profile.submit_rate,
+        max_array_size=_max_array(plan.profile) if plan.profile.backend == "slurm" and not req.dry_run else None,
         options=dataclasses.asdict(req.options),
         preset=plan.preset,
         order=list(plan.pipeline.order),
-        stages=stages,
         slurm_version=_slurm_version(plan.profile),
+        sweep=plan.sweep.to_record() if plan.sweep else None,
     )
     run.save()
     return run
@@ -308,193 +389,68 @@ def write_scripts(jobs: Dict[str, List[rendermod.JobScript]]) -> Dict[str, List[
     return texts
 
 
-# -- running -------------------------------------------------------------------------------------
-def run_stage_here(run: Run, name: str, echo: Echo, gpus_note: Callable[[int], None] = lambda n: None) -> int:
-    """Run one stage on this machine (launch-time stages everywhere; all stages locally)."""
+# -- what to run -----------------------------------------------------------------------------------
+#: the tasks of some stages: stage -> task indices (``[None]`` for a plain job), in pipeline order
+Selection = Dict[str, List[Optional[int]]]
+
+
+def whole(run: Run, names: Sequence[str]) -> Selection:
+    return {n: run.stage(n).task_indices for n in run.order if n in names}
+
+
+# -- starting a selection: launch, resume, and a login step whose parents are done -----------------
+def start(run: Run, selection: Selection, echo: Echo, active: Optional[Dict[str, List[str]]] = None) -> List[str]:
+    """Run or submit the selected stage tasks in order; return the stages that failed here.
+
+    Launch-time stages run here first. On Slurm, a login step with a batch ancestor that is being
+    submitted now or still runs waits (WAITING_LOGIN) with everything below it, and the rest is
+    submitted; ``advance_login_steps`` runs it later. Locally everything runs in order."""
+    active = active or {}
+    order = [n for n in run.order if n in selection]
+    slurm = run.backend == "slurm"
+
+    def waits(name: str) -> bool:
+        return any(run.stage(a).where == "batch" and (a in selection or a in active) for a in run.ancestors(name))
+
+    from .backends import get_backend
     from .backends.local import LocalBackend
 
-    entry = run.stage(name)
-    res = entry["resources"]
-    ranks_per_node = res["tasks_per_node"] or max(1, res["gpus_per_node"])
-    world = res["nodes"] * ranks_per_node
-    if world > 1:
-        gpus_note(world)
-    backend = LocalBackend()
-    tasks = list(range(entry["array"])) if entry.get("array") else [None]
-    prefix = f"[{name}] "
-    threads = max(1, (os.cpu_count() or 1) // max(1, world))
-    for task in tasks:
-        tag = prefix if task is None else f"[{name}:{task}] "
-        code = backend.run_task(run.dir, name, task, world, ranks_per_node,
-                                echo=lambda line, t=tag: echo(t + line), threads_per_rank=threads)
-        if code != 0:
-            return code
-    return 0
+    here_first = [n for n in order if run.stage(n).where != "batch" and not (slurm and waits(n))]
+    not_done = LocalBackend().start(run, {n: selection[n] for n in here_first}, echo)
+    if not_done:
+        for name in run.descendants(list(not_done)):
+            if name in selection and run.stage(name).state in statesmod.PLANNED:
+                run.set_state(name, "CANCELLED", reason="an upstream launch-time stage failed")
+        return list(not_done)
+    rest = [n for n in order if n not in here_first]
+    waiting = [n for n in rest if run.stage(n).where != "batch"]  # login steps after batch stages (Slurm)
+    blocked = set(waiting) | set(run.descendants(waiting))
+    for name in waiting:
+        run.set_state(name, "WAITING_LOGIN",
+                      reason=f"runs on the login node once its parents complete: python launch.py resume {run.id}")
+    for name in rest:
+        if name in blocked and name not in waiting:
+            run.set_state(name, "PLANNED", reason="after the login step " + ", ".join(
+                w for w in waiting if w in run.ancestors(name)))
+    backend = get_backend(run.backend)
+    return list(backend.start(run, {n: selection[n] for n in rest if n not in blocked}, echo, active))
 
 
-def _set_state(run: Run, name: str, state: str, **extra: Any) -> None:
-    run.record["stages"][name].update(state=state, **extra)
-    run.save()
+def advance_login_steps(run: Run, echo: Echo) -> List[str]:
+    """Run every waiting login step whose batch ancestors have completed, then submit what waited
+    for it. Returns the login steps that ran (empty when none was ready)."""
+    from .status import stage_states
 
-
-def run_launch_time_stages(run: Run, names: Sequence[str], echo: Echo) -> List[str]:
-    """Run ``login``/``process`` stages now; return the names that failed."""
-    failed: List[str] = []
-    for name in names:
-        entry = run.stage(name)
-        if entry["where"] == "batch":
-            continue
-        if any(p in failed for p in entry["depends_on"]):
-            _set_state(run, name, "CANCELLED", reason="upstream stage failed")
-            failed.append(name)
-            continue
-        _set_state(run, name, "RUNNING", started=time.time())
-        code = run_stage_here(run, name, echo)
-        _set_state(run, name, "COMPLETED" if code == 0 else "FAILED", ended=time.time(), exit_code=code)
-        if code != 0:
-            failed.append(name)
-    return failed
-
-
-def dependencies_for(run: Run, name: str, rerun: Sequence[str], chunk: int) -> List[rendermod.Dependency]:
-    """Slurm dependencies of one chunk: on the parents being (re)submitted in this launch."""
-    entry = run.stage(name)
-    whole: List[str] = []
-    corr: List[str] = []
-    for parent in entry["depends_on"]:
-        p = run.stage(parent)
-        if p["where"] != "batch" or parent not in rerun:
-            continue  # done already (launch-time, or completed in an earlier attempt)
-        per_task = any(i["stage"] == parent and i["per_task"] for i in entry["inputs"].values())
-        ids = [j["job_id"] for j in p["jobs"]]
-        if per_task and len(ids) > chunk:
-            corr.append(ids[chunk])
-        else:
-            whole.extend(ids)
-    deps = []
-    if whole:
-        deps.append(rendermod.Dependency("afterok", whole))
-    if corr:
-        deps.append(rendermod.Dependency("aftercorr", corr))
-    return deps
-
-
-def submit_batch_stages(run: Run, names: Sequence[str], echo: Echo) -> None:
-    """Submit ``names`` (in order) to Slurm, each depending on its resubmitted parents."""
-    import pickle
-
-    from .backends.slurm import SlurmBackend
-    from .fsutil import atomic_write_text
-
-    backend = SlurmBackend()
-    backend.configure(float(run.record.get("submit_rate") or 0))
-    for name in names:
-        entry = run.stage(name)
-        if entry["where"] != "batch":
-            continue
-        with open(run.stage_dir(name) / "runner.pkl", "rb") as fh:
-            runner: StageRunner = pickle.load(fh)
-        jobs = []
-        offset = 0
-        for chunk, template in enumerate(entry["job_templates"]):
-            deps = dependencies_for(run, name, names, chunk)
-            directives = [tuple(d) for d in template["directives"] if d[0] not in ("dependency", "kill-on-invalid-dep")]
-            if deps:
-                directives += [("dependency", ",".join(d.render() for d in deps)), ("kill-on-invalid-dep", "yes")]
-            job = rendermod.JobScript(**{**template, "directives": directives, "dependencies": deps})
-            text = rendermod.render(job)
-            atomic_write_text(job.script_path, text, mode=0o700, fsync=False)  # rebuilt from run.json
-            folder = rendermod.submitit_folder(run.stage_dir(name))
-            res = entry["resources"]
-            n_tasks = res["nodes"] * (res["tasks_per_node"] or max(1, res["gpus_per_node"]))
-            timeout_min = max(1, int(_time_s(res["time"]) // 60))
-            try:
-                if entry.get("array"):
-                    size = _array_len(job.array)
-                    runners = [runner.for_task(offset + i) for i in range(size)]
-                    offset += size
-                    job_id = backend.submit(folder, text, runners, n_tasks, timeout_min, array=True)
-                    jobs.append({"job_id": job_id, "array": job.array, "first_task": offset - size, "script": job.script_path})
-                else:
-                    job_id = backend.submit(folder, text, [runner], n_tasks, timeout_min, array=False)
-                    jobs.append({"job_id": job_id, "script": job.script_path})
-            except SubmitError as exc:
-                _submit_failed(run, name, jobs, exc)
-        entry["jobs"] = jobs
-        entry["attempts"] = int(entry.get("attempts", 0)) + 1
-        entry["state"] = "SUBMITTED"
-        entry.setdefault("history", []).append({"submitted": time.time(), "job_ids": [j["job_id"] for j in jobs]})
-        run.save(durable=False)  # the job ids are on disk before the next submission
-    run.save()
-    from . import poller
-
-    poller.invalidate()  # status asks the scheduler again soon, whoever asks
-
-
-def _submit_failed(run: Run, name: str, jobs: List[Dict[str, Any]], exc: Exception) -> None:
-    """sbatch refused ``name``: keep what was submitted on disk, then one line saying what to do."""
-    submitted = [n for n in run.record.get("order", []) if n != name and run.stage(n).get("state") == "SUBMITTED"]
-    if jobs:  # an array split in chunks: the chunks already queued belong to the ledger too
-        run.stage(name)["jobs"] = jobs
-        run.stage(name)["state"] = "SUBMITTED"
-    run.save()
-    kept = f"stages already queued keep running ({', '.join(submitted)}); " if submitted else "nothing was queued; "
-    raise SubmitError(f"sbatch refused stage '{name}': {exc}. {kept}fix the cause, then "
-                      f"`python launch.py resume {run.id}` submits the rest") from exc
-
-
-def _time_s(text: str) -> int:
-    from .spec import parse_time
-
-    return parse_time(text)
-
-
-def _array_len(spec: str) -> int:
-    rng = spec.split("%")[0]
-    if "-" in rng:
-        lo, hi = rng.split("-")
-        return int(hi) - int(lo) + 1
-    return 1
-
-
-def run_batch_stages_locally(run: Run, names: Sequence[str], echo: Echo) -> List[str]:
-    """The local backend: run stages in order; a failure cancels its descendants."""
-    failed: List[str] = []
-    said = []
-
-    def gpus_note(world: int) -> None:
-        if said:
-            return
-        said.append(True)
-        if not _has_cuda():
-            echo(f"no GPU on this machine: {world} ranks run with gloo on the CPU")
-
-    for name in names:
-        entry = run.stage(name)
-        if entry["where"] != "batch":
-            continue
-        blocked = [p for p in entry["depends_on"] if p in failed]
-        if blocked:
-            _set_state(run, name, "CANCELLED", reason=f"upstream stage {blocked[0]} did not complete")
-            failed.append(name)
-            echo(f"[{name}] cancelled: upstream stage '{blocked[0]}' did not complete")
-            continue
-        _set_state(run, name, "RUNNING", started=time.time())
-        code = run_stage_here(run, name, echo, gpus_note)
-        entry = run.stage(name)
-        entry["attempts"] = int(entry.get("attempts", 0)) + 1
-        _set_state(run, name, "COMPLETED" if code == 0 else "FAILED", ended=time.time(), exit_code=code)
-        if code != 0:
-            failed.append(name)
-            echo(f"[{name}] FAILED (exit code {code}); logs: {run.stage_dir(name) / 'local'}")
-    return failed
-
-
-def _has_cuda() -> bool:
-    """Cheap check without importing torch: a visible NVIDIA device node."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
-        return False
-    return os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl")
+    states = stage_states(run, triage=False, fresh=True)
+    ready = [n for n in run.order if run.stage(n).state == "WAITING_LOGIN"
+             and all(states[a].state == "COMPLETED" for a in run.ancestors(n) if run.stage(a).where == "batch")]
+    if not ready:
+        return []
+    below = [d for d in run.descendants(ready) if run.stage(d).state in statesmod.PLANNED]
+    active = {n: st.job_ids for n, st in states.items() if st.state in statesmod.ACTIVE and st.job_ids}
+    echo(f"run {run.id}: login step(s) {', '.join(ready)} ready: running here, then submitting {', '.join(below) or 'nothing'}")
+    start(run, whole(run, ready + below), echo, active)
+    return ready
 
 
 @dataclass
@@ -516,74 +472,77 @@ def launch(req: LaunchRequest, echo: Echo = print) -> LaunchResult:
         run.record["dry_run"] = True
         run.save()
         return LaunchResult(run, plan, scripts)
-    scripts = {}  # written by the submission, with the real dependencies
     run.remember()
     with run.lock("launch"):
-        order = run.record["order"]
-        failed = run_launch_time_stages(run, order, echo)
-        batch = [n for n in order if run.stage(n)["where"] == "batch"]
-        if failed:
-            for name in plan.pipeline.descendants(failed):
-                if run.stage(name)["state"] == "PLANNED":
-                    _set_state(run, name, "CANCELLED", reason="upstream launch-time stage failed")
-            return LaunchResult(run, plan, scripts, failed)
-        if plan.profile.backend == "slurm":
-            submit_batch_stages(run, batch, echo)
+        failed = start(run, whole(run, run.order), echo)
+    return LaunchResult(run, plan, {}, failed)
+
+
+def rerun_selection(run: Run, states: Dict[str, Any]) -> Selection:
+    """The stage tasks that did not complete, plus what depends on them: a per-task dependent
+    only for those tasks, any other dependent whole."""
+    selection: Dict[str, set] = {}
+    for name in run.order:
+        rec = run.stage(name)
+        st = states[name]
+        if rec.array:
+            tasks = {t.index for t in st.task_list if t.state not in statesmod.DONE}
+            tasks |= {t for t in range(rec.num_tasks) if t not in {x.index for x in st.task_list}}
         else:
-            failed = run_batch_stages_locally(run, batch, echo)
-    return LaunchResult(run, plan, scripts, failed)
+            tasks = set() if st.state in statesmod.DONE else {None}
+        per_task = set(rec.per_task_parents())
+        for parent in rec.depends_on:
+            if parent in selection:
+                if parent in per_task and rec.array and run.stage(parent).array:
+                    tasks |= selection[parent]
+                else:
+                    tasks = set(rec.task_indices)
+        if tasks:
+            selection[name] = tasks
+    return {n: sorted(t, key=lambda x: -1 if x is None else x) for n, t in selection.items()}
 
 
 def resume(run: Run, echo: Echo = print) -> List[str]:
-    """Resubmit the stages that did not complete, and their descendants; reuse completed outputs."""
+    """Run login steps that are ready; else resubmit the stage tasks that did not complete and
+    their dependents; completed tasks' outputs are reused as they are."""
     from .status import stage_states
 
     with run.lock("resume"):
         run.reload()
-        states = stage_states(run)
-        active = [n for n, s in states.items() if s.state in ("PENDING", "RUNNING", "REQUEUED", "PREEMPTED", "SUBMITTED")]
+        if run.backend == "slurm" and any(r.state == "WAITING_LOGIN" for r in run.stages.values()):
+            if advance_login_steps(run, echo):
+                return []
+        states = stage_states(run, triage=False)
+        active = [n for n, s in states.items() if s.state in statesmod.ACTIVE]
         if active:
+            waiting = [n for n in run.order if run.stage(n).state == "WAITING_LOGIN"]
+            then = f"; login step(s) {', '.join(waiting)} run when it completes (resume again then, or status --watch)" if waiting else ""
             raise UserError(
                 f"run {run.id}: stage(s) {', '.join(active)} still queued or running: wait, or "
-                f"python launch.py cancel {run.id} first"
+                f"python launch.py cancel {run.id} first{then}"
             )
-        order = run.record["order"]
-        not_done = [n for n in order if states[n].state != "COMPLETED"]
-        if not not_done:
+        selection = rerun_selection(run, states)
+        if not selection:
             echo(f"run {run.id}: every stage completed; nothing to resume")
             return []
-        pipeline_children = _children_map(run)
-        rerun = set(not_done)
-        frontier = list(not_done)
-        while frontier:
-            for child in pipeline_children.get(frontier.pop(), []):
-                if child not in rerun:
-                    rerun.add(child)
-                    frontier.append(child)
-        names = [n for n in order if n in rerun]
-        for name in names:
-            _archive_markers(run, name)
-            _set_state(run, name, "PLANNED")
-        echo(f"resuming {', '.join(names)}; reusing completed {', '.join(n for n in order if n not in rerun) or '(none)'}")
-        failed = run_launch_time_stages(run, names, echo)
-        if failed:
-            return failed
-        batch = [n for n in names if run.stage(n)["where"] == "batch"]
-        if run.record.get("backend") == "slurm":
-            submit_batch_stages(run, batch, echo)
-            return []
-        return run_batch_stages_locally(run, batch, echo)
+        for name, tasks in selection.items():
+            _archive_markers(run, name, tasks)
+            rec = run.stage(name)
+            for task in tasks:
+                rec.task_state.pop(str(task), None)
+            rec.state, rec.reason = "PLANNED", ""
+        run.save()
+        what = ", ".join(n + (f"[{compress_indices([t for t in ts if t is not None])}]" if run.stage(n).array else "")
+                         for n, ts in selection.items())
+        reused = ", ".join(n for n in run.order if n not in selection) or "(none)"
+        echo(f"resuming {what}; reusing completed {reused}")
+        return start(run, selection, echo)
 
 
-def _children_map(run: Run) -> Dict[str, List[str]]:
-    children: Dict[str, List[str]] = {}
-    for name in run.record["order"]:
-        for parent in run.stage(name)["depends_on"]:
-            children.setdefault(parent, []).append(name)
-    return children
+def _archive_markers(run: Run, name: str, tasks: Sequence[Optional[int]]) -> None:
+    from .runtime import marker_path
 
-
-def _archive_markers(run: Run, name: str) -> None:
-    stage_dir = run.stage_dir(name)
-    for marker in stage_dir.glob("state*.json"):
-        os.replace(marker, marker.with_name(marker.name + ".prev"))
+    for task in tasks:
+        marker = marker_path(run.stage_dir(name), task)
+        if marker.exists():
+            os.replace(marker, marker.with_name(marker.name + ".prev"))

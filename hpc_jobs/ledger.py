@@ -22,12 +22,13 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 from . import __version__
 from .errors import RunLockedError, UserError
 from .fsutil import atomic_write_json, atomic_write_text, exclusive_lock, read_json
 from .profiles import REPO_ROOT, hpc_jobs_home
+from .record import StageRecord
 
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 CODE_PACKAGES = ("hpc_jobs", "launchers", "models", "data")
@@ -36,6 +37,9 @@ CODE_SUFFIXES = {".py", ".j2", ".yaml", ".yml", ".json", ".txt"}
 
 def new_run_id(name: Optional[str] = None) -> str:
     if name is not None:
+        if name in ("last", "latest"):
+            raise UserError(f"run name '{name}' is reserved: it means the newest run in status, logs and resume; "
+                            f"choose another --run-name")
         if not RUN_NAME_RE.match(name) or ".." in name:
             raise UserError(
                 f"run name '{name}' is invalid: use letters, digits, '.', '_' and '-' "
@@ -65,7 +69,23 @@ class Run:
 
     def __init__(self, run_dir: Path):
         self.dir = Path(run_dir)
-        self.record: Dict[str, Any] = read_json(self.dir / "run.json", default={}) or {}
+        self.record: Dict[str, Any] = {}  # the run-level fields of run.json (backend, order, ...)
+        self.stages: Dict[str, StageRecord] = {}  # its stage entries, typed
+        self._load()
+
+    def _load(self) -> None:
+        #: why run.json could not be read (truncated, not a run record); None when it could
+        self.damaged: Optional[str] = None
+        try:
+            data = read_json(self.dir / "run.json", default={}) or {}
+            if not isinstance(data, dict):
+                raise ValueError(f"holds a {type(data).__name__}, not a run record")
+            self.stages = {name: StageRecord.from_dict({"name": name, **entry})
+                           for name, entry in (data.pop("stages", None) or {}).items()}
+        except (ValueError, TypeError, AttributeError, KeyError, OSError) as exc:
+            self.damaged = f"{self.dir / 'run.json'} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+            data, self.stages = {}, {}
+        self.record = data
 
     # -- identity -------------------------------------------------------------------------------
     @property
@@ -77,17 +97,54 @@ class Run:
         return self.record.get("workflow", self.dir.parent.name)
 
     @property
+    def backend(self) -> str:
+        return self.record.get("backend", "")
+
+    @property
+    def order(self) -> List[str]:
+        return list(self.record.get("order") or self.stages)
+
+    def in_order(self) -> List[StageRecord]:
+        return [self.stages[name] for name in self.order if name in self.stages]
+
+    def ancestors(self, name: str) -> List[str]:
+        """Stages upstream of ``name``, in pipeline order."""
+        found, frontier = set(), list(self.stage(name).depends_on)
+        while frontier:
+            current = frontier.pop()
+            if current not in found:
+                found.add(current)
+                frontier.extend(self.stage(current).depends_on)
+        return [n for n in self.order if n in found]
+
+    def descendants(self, names: List[str]) -> List[str]:
+        """Stages downstream of any of ``names`` (not including them), in pipeline order."""
+        found, frontier = set(), list(names)
+        while frontier:
+            current = frontier.pop()
+            for child in (n for n in self.order if current in self.stages[n].depends_on):
+                if child not in found:
+                    found.add(child)
+                    frontier.append(child)
+        return [n for n in self.order if n in found]
+
+    def task_dir(self, stage: str, task: Optional[int]) -> Path:
+        from .runtime import task_dir
+
+        return task_dir(self.stage_dir(stage), task)
+
+    @property
     def code_dir(self) -> Path:
         return self.dir / "code"
 
     def stage_dir(self, stage: str) -> Path:
         return self.dir / "stages" / stage
 
-    def stage(self, name: str) -> Dict[str, Any]:
+    def stage(self, name: str) -> StageRecord:
         try:
-            return self.record["stages"][name]
+            return self.stages[name]
         except KeyError:
-            known = ", ".join(self.record.get("stages", {}))
+            known = ", ".join(self.stages)
             raise UserError(f"run {self.id} has no stage '{name}' (stages: {known})") from None
 
     # -- creation -------------------------------------------------------------------------------
@@ -162,10 +219,20 @@ class Run:
     # -- persistence ----------------------------------------------------------------------------
     def save(self, durable: bool = True) -> None:
         """Rewrite run.json atomically; ``durable=False`` skips the fsync (a later save makes it)."""
-        atomic_write_json(self.dir / "run.json", self.record, fsync=durable)
+        data = dict(self.record)
+        data["stages"] = {name: rec.to_dict() for name, rec in self.stages.items()}
+        atomic_write_json(self.dir / "run.json", data, fsync=durable)
+
+    def set_state(self, name: str, state: str, **fields: Any) -> None:
+        """Set a stage's state (and other fields of its record), then save run.json."""
+        rec = self.stage(name)
+        rec.state = state
+        for key, value in fields.items():
+            setattr(rec, key, value)
+        self.save()
 
     def reload(self) -> "Run":
-        self.record = read_json(self.dir / "run.json", default={}) or {}
+        self._load()
         return self
 
     def lock(self, action: str):
@@ -201,21 +268,24 @@ def recent_runs(limit: int = 10) -> List[Run]:
     return [Run(p) for p in seen]
 
 
+def _readable(run: Run) -> Run:
+    if run.damaged:
+        raise UserError(f"run {run.dir.name}: {run.damaged}; its files are still there (stages/), "
+                        f"but hpc-jobs cannot read its record")
+    return run
+
+
 def find_run(ref: str) -> Run:
     """A run by directory path, by run id, or ``last``."""
     candidate = Path(ref).expanduser()
     if (candidate / "run.json").exists():
-        return Run(candidate)
+        return _readable(Run(candidate))
     runs = recent_runs(limit=1000)
     if ref in ("last", "latest") and runs:
-        return runs[0]
+        return _readable(runs[0])
     for run in runs:
         if run.id == ref or run.dir.name == ref:
-            return run
+            return _readable(run)
     hint = f" Recent runs: {', '.join(r.id for r in runs[:5])}" if runs else " No runs recorded yet."
     raise UserError(f"no run '{ref}' found (give a run id, a run directory or 'last').{hint}")
 
-
-def iter_stage_records(run: Run) -> Iterator[Dict[str, Any]]:
-    for name in run.record.get("order", list(run.record.get("stages", {}))):
-        yield run.record["stages"][name]

@@ -69,7 +69,13 @@ class ClusterProfile:
     paths: Dict[str, str] = field(default_factory=dict)  # code, data, runs
     max_array_size: Optional[int] = None  # None: ask the scheduler (MaxArraySize)
     submit_rate: float = 20.0  # submissions per second, never burst past it
+    #: whether compute nodes reach the internet: a login step in the middle of a pipeline then runs
+    #: as a small CPU job; otherwise it waits for the login node (``--follow`` or ``resume RUN``)
+    compute_internet: bool = False
     detect: Dict[str, List[str]] = field(default_factory=dict)  # hostname / cluster_name globs
+    #: the default container of batch stages (hpc_jobs.container): runtime, image, binds, env, gpus,
+    #: python. Without an image it only sets what ``--container IMAGE`` / a stage's container adds to.
+    container: Optional[Dict[str, Any]] = None
     source: str = ""
 
     # -- derived --------------------------------------------------------------------------------
@@ -87,6 +93,19 @@ class ClusterProfile:
     @property
     def data_root(self) -> Path:
         return Path(self.expand(self.paths.get("data", "{hpc_jobs_home}/data")))
+
+    def container_default(self):
+        """The ``container`` setting as a :class:`~hpc_jobs.container.Container` (None if unset)."""
+        from .container import Container
+
+        if not self.container:
+            return None
+        container = Container.from_value(self.container, f"profile {self.name}")
+        if container.binds:  # $USER and ~ as in paths
+            container.binds = tuple(self.expand(b) for b in container.binds)
+        if container.image:
+            container.image = self.expand(container.image)
+        return container
 
     def python_command(self, launch_python: str) -> str:
         return self.python.replace("{launch_python}", shlex.quote(launch_python))
@@ -120,6 +139,10 @@ def _from_mapping(data: Mapping[str, Any], source: str) -> ClusterProfile:
     profile = ClusterProfile(partitions=partitions, source=source, **data)
     if profile.backend not in ("slurm", "local"):
         raise UserError(f"profile {source}: backend '{profile.backend}' must be 'slurm' or 'local'")
+    if profile.container is not None:
+        if not isinstance(profile.container, Mapping):
+            raise UserError(f"profile {source}: container must be a mapping (runtime, image, binds, env, gpus, python)")
+        profile.container_default().validate(f"profile {source}")
     return profile
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import __version__
+from . import container as containermod
 from .errors import UserError
 from .profiles import REPO_ROOT, ClusterProfile
 from .spec import Stage, format_time, parse_mem_mb
@@ -67,6 +69,10 @@ class JobScript:
     command: str
     array: Optional[str] = None
     dependencies: List[Dependency] = field(default_factory=list)
+    #: the stage's resolved container (hpc_jobs.container.Container.to_dict()), None: on the host
+    container: Optional[Dict[str, Any]] = None
+    prelude: List[str] = field(default_factory=list)  # host lines before the step (a container's bundle)
+    epilogue: List[str] = field(default_factory=list)  # host lines after the step (the requeue relay)
 
 
 def submitit_folder(stage_dir: Path) -> Path:
@@ -120,6 +126,14 @@ def build_job(
         directives.append(("qos", check_value("qos", res.qos)))
     if res.constraint:
         directives.append(("constraint", check_value("constraint", res.constraint)))
+    if res.exclude:
+        directives.append(("exclude", check_value("exclude", res.exclude)))
+    if res.mail_type:
+        directives.append(("mail-type", check_value("mail type", res.mail_type.upper())))
+    if res.mail_user:
+        directives.append(("mail-user", check_value("mail user", res.mail_user)))
+    for key, value in res.sbatch:
+        directives.append((check_value("sbatch option", key), check_value(f"--sbatch {key}", value) if value != "" else None))
     directives += [
         ("nodes", str(res.nodes)),
         ("ntasks-per-node", str(res.ntasks_per_node)),
@@ -148,9 +162,20 @@ def build_job(
     python = profile.python_command(launch_python)
     folder = submitit_folder(stage_dir)
     srun = ["srun", "--unbuffered", "--output", out, "--error", err]
-    # ``python`` may be a profile-provided command ("singularity exec ... python"): it is the
-    # profile author's shell text, not user input; every other word is quoted.
-    command = f"{shlex.join(srun)} {python} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    container = stage_container(stage, profile)
+    prelude: List[str] = []
+    epilogue: List[str] = []
+    if container is None:
+        # ``python`` may be a profile-provided command ("singularity exec ... python"): it is the
+        # profile author's shell text, not user input; every other word is quoted.
+        command = f"{shlex.join(srun)} {python} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    else:
+        inner_python = (container.python or "python").replace("{launch_python}", shlex.quote(launch_python))
+        inner = containermod.inner_command(container, inner_python, ["-u", "-m", "submitit.core._submit", str(folder)])
+        step = containermod.wrap_step(
+            container, srun, inner, run_dir=str(run_dir), data_root=str(profile.data_root),
+            code_dir=str(run_dir / "code"), stage_dir=str(stage_dir), uses_gpus=res.uses_gpus)
+        prelude, command, epilogue = step.prelude, step.command, step.epilogue
 
     env = dict(profile.env)
     env.setdefault("OMP_NUM_THREADS", str(res.cpus_per_task))
@@ -177,7 +202,21 @@ def build_job(
         command=command,
         array=array,
         dependencies=list(dependencies),
+        container=container.to_dict() if container else None,
+        prelude=prelude,
+        epilogue=epilogue,
     )
+
+
+def stage_container(stage: Stage, profile: ClusterProfile) -> Optional[containermod.Container]:
+    """The container a batch stage runs in (stage's over profile's), checked; None: on the host.
+    An image path is checked only where jobs are submitted from (sbatch here): a dry run for
+    another cluster names that cluster's paths."""
+    where = f"stage '{stage.name}'"
+    container = containermod.resolve(profile.container_default(), stage.container, None, where)
+    if container is not None and shutil.which("sbatch"):
+        containermod.check_image(container, where)
+    return container
 
 
 _ENV = None

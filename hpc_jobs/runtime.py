@@ -11,6 +11,7 @@ when the scheduler has forgotten the job (no accounting, or after MinJobAge).
 from __future__ import annotations
 
 import argparse
+import json
 import datetime as _dt
 import logging
 import os
@@ -25,15 +26,22 @@ from typing import Any, Dict, List, Optional, Union
 
 from .errors import StageInputError
 from .fsutil import atomic_write_bytes, atomic_write_json, read_json
-from .spec import Input
+from .spec import BestCheckpoint, Input
 
 log = logging.getLogger("hpc_jobs")
 
 RUNNER_FILE = "runner.pkl"
 
 
+def task_dir(stage_dir: Path, task: Optional[int]) -> Path:
+    """Where a stage task keeps its files: the stage's directory for a plain job,
+    ``stages/<name>/tasks/<i>/`` for array task ``i`` (its checkpoints, metrics, heartbeat,
+    marker and attempt log; nothing there is shared with another task)."""
+    return stage_dir if task is None else stage_dir / "tasks" / str(task)
+
+
 def marker_path(stage_dir: Path, task: Optional[int]) -> Path:
-    return stage_dir / ("state.json" if task is None else f"state.{task}.json")
+    return task_dir(stage_dir, task) / "state.json"
 
 
 def read_marker(stage_dir: Path, task: Optional[int] = None) -> Optional[Dict[str, Any]]:
@@ -41,7 +49,7 @@ def read_marker(stage_dir: Path, task: Optional[int] = None) -> Optional[Dict[st
 
 
 def attempts_path(stage_dir: Path, task: Optional[int]) -> Path:
-    return stage_dir / ("attempts.jsonl" if task is None else f"attempts.{task}.jsonl")
+    return task_dir(stage_dir, task) / "attempts.jsonl"
 
 
 def read_attempts(stage_dir: Path, task: Optional[int] = None) -> List[Dict[str, Any]]:
@@ -142,8 +150,11 @@ class StageContext:
     env: Any = None  # hpc_jobs.environment.RunEnv
     extra: Dict[str, Any] = field(default_factory=dict)
 
-    def output(self, name: str, outputs: Optional[Dict[str, str]] = None) -> Path:
+    def output(self, name: str, outputs: Optional[Dict[str, Any]] = None) -> Path:
+        """Where this task writes output ``name`` (a BestCheckpoint output: its directory)."""
         rel = (outputs or self.extra.get("outputs", {}))[name]
+        if isinstance(rel, BestCheckpoint):
+            rel = rel.directory
         return self.out_dir / rel.format(task=self.task_index if self.task_index is not None else 0)
 
     def heartbeat(self, **fields: Any) -> None:
@@ -162,12 +173,15 @@ class StageRunner:
     fn: Any
     config: Any
     inputs: Dict[str, Input]
-    outputs: Dict[str, str]
-    upstream_tasks: Dict[str, int]  # upstream stage -> number of tasks (for array inputs)
+    outputs: Dict[str, Any]
+    #: upstream stage -> {"array": N or None, "outputs": {name: path or BestCheckpoint}}
+    upstream: Dict[str, Dict[str, Any]]
     data_root: str
     task_index: Optional[int] = None
     num_tasks: int = 1
     max_requeues: int = 20
+    #: a swept stage: the config of each sweep point; task k runs with point k's
+    point_configs: Optional[List[Any]] = None
 
     def for_task(self, task: Optional[int]) -> "StageRunner":
         clone = StageRunner(**{**self.__dict__, "task_index": task})
@@ -175,30 +189,44 @@ class StageRunner:
 
     # -- input resolution -----------------------------------------------------------------------
     def resolve_inputs(self) -> Dict[str, Union[Path, List[Path]]]:
-        """Upstream output paths; verify checkpoints now, so a bad handoff fails in seconds."""
+        """Upstream output paths; verify checkpoints now, so a bad handoff fails in seconds.
+
+        From a plain stage: one path. From an array: task i's output for task i (``per_task``),
+        else the list of every task's output in task order."""
         resolved: Dict[str, Union[Path, List[Path]]] = {}
         for name, inp in self.inputs.items():
-            up_dir = Path(self.run_dir) / "stages" / inp.stage
-            rel = self._upstream_output(inp)
-            n_up = self.upstream_tasks.get(inp.stage, 1)
-            if "{task}" in rel:
-                tasks = [self.task_index] if inp.per_task else list(range(n_up))
-                paths = [up_dir / rel.format(task=t) for t in tasks]
+            up = self.upstream.get(inp.stage) or {}
+            out = (up.get("outputs") or {}).get(inp.output)
+            if out is None:
+                raise StageInputError(f"stage '{self.stage}': stage '{inp.stage}' declares no output '{inp.output}'")
+            stage_dir = Path(self.run_dir) / "stages" / inp.stage
+            if up.get("array"):
+                tasks: List[Optional[int]] = [self.task_index] if inp.per_task else list(range(int(up["array"])))
             else:
-                paths = [up_dir / rel]
+                tasks = [None]
+            paths = [self._output_path(name, inp, out, task_dir(stage_dir, t), t) for t in tasks]
             for path in paths:
                 self._check(name, inp, path)
-            resolved[name] = paths[0] if len(paths) == 1 and ("{task}" not in rel or inp.per_task) else paths
+            resolved[name] = paths if (up.get("array") and not inp.per_task) else paths[0]
         return resolved
 
-    def _upstream_output(self, inp: Input) -> str:
-        record = read_json(Path(self.run_dir) / "run.json", default={}) or {}
-        try:
-            return record["stages"][inp.stage]["outputs"][inp.output]
-        except KeyError:
-            raise StageInputError(
-                f"stage '{self.stage}': run.json has no output '{inp.output}' of stage '{inp.stage}'"
-            ) from None
+    def _output_path(self, name: str, inp: Input, out: Any, where: Path, task: Optional[int]) -> Path:
+        if isinstance(out, BestCheckpoint):
+            from .checkpoint import best_complete
+
+            found = best_complete(where / out.directory, out.metric, out.mode)
+            if found is None:
+                which = f" task {task}" if task is not None else ""
+                raise StageInputError(
+                    f"stage '{self.stage}' cannot start: its input '{name}' is the {out.describe()} of stage "
+                    f"'{inp.stage}'{which}, and {where / out.directory} holds no complete checkpoint with a "
+                    f"'{out.metric}' metric. Did '{inp.stage}' validate? (python launch.py status {Path(self.run_dir).name})"
+                )
+            log.info("input %s: %s of %s%s = %s (%s=%.6g, step %d)", name, out.describe(), inp.stage,
+                     f"[{task}]" if task is not None else "", found[0], out.metric, found[1].metrics[out.metric],
+                     found[1].step)
+            return found[0]
+        return where / str(out).format(task=task if task is not None else 0)
 
     def _check(self, name: str, inp: Input, path: Path) -> None:
         if inp.kind in ("init", "resume"):
@@ -224,6 +252,7 @@ class StageRunner:
 
         env = RunEnv.detect()
         stage_dir = Path(self.run_dir) / "stages" / self.stage
+        out_dir = task_dir(stage_dir, self.task_index)
         marker = marker_path(stage_dir, self.task_index)
         main = env.rank == 0
         started = time.time()
@@ -236,9 +265,12 @@ class StageRunner:
             "attempt": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
             "started": _now(),
         }
+        out_dir.mkdir(parents=True, exist_ok=True)  # every rank: a task's own directory
+        what = f"stage {self.stage}" + (f" task {self.task_index}/{self.num_tasks}" if self.task_index is not None else "")
+        print(f"[hpc_jobs] attempt {base['attempt'] + 1} of {what} on {base['host']}"
+              + (f", job {base['job_id']}" if base["job_id"] else "") + f", rank {env.rank}/{env.world_size}", flush=True)
         if main:
             atomic_write_json(marker, {**base, "state": "RUNNING"})
-            stage_dir.mkdir(parents=True, exist_ok=True)
             _close_previous_attempt(stage_dir, self.task_index)
             _append_attempt(stage_dir, self.task_index, {"event": "start", "job_id": base["job_id"],
                                                          "attempt": base["attempt"], "host": base["host"]})
@@ -252,8 +284,9 @@ class StageRunner:
             ctx = StageContext(
                 run_dir=Path(self.run_dir),
                 stage=self.stage,
-                out_dir=stage_dir,
-                config=self.config,
+                out_dir=out_dir,
+                config=self.point_configs[self.task_index] if self.point_configs and self.task_index is not None
+                else self.config,
                 inputs=self.resolve_inputs(),
                 input_kinds={k: v.kind for k, v in self.inputs.items()},
                 task_index=self.task_index,
@@ -287,6 +320,9 @@ class StageRunner:
                 )
             raise
         _ignore_requeue_signal()
+        shown = result if _jsonable(result) else repr(result)
+        print(f"[hpc_jobs] {what} COMPLETED in {time.time() - started:.1f} s"
+              + (f": {json.dumps(shown, default=str)[:300]}" if shown is not None else ""), flush=True)
         if main:
             _append_attempt(stage_dir, self.task_index, {"event": "end", "job_id": base["job_id"],
                                                          "attempt": base["attempt"], "state": "COMPLETED"})

@@ -26,6 +26,22 @@ WHERE = ("login", "process", "batch")
 HANDOFF_KINDS = ("init", "resume", "data")
 
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+MAIL_TYPES = ("NONE", "BEGIN", "END", "FAIL", "REQUEUE", "ALL", "INVALID_DEPEND", "STAGE_OUT", "TIME_LIMIT",
+              "TIME_LIMIT_90", "TIME_LIMIT_80", "TIME_LIMIT_50", "ARRAY_TASKS")
+MAIL_RE = re.compile(r"^[A-Za-z0-9._%+-]+(@[A-Za-z0-9.-]+)?$")
+SBATCH_KEY_RE = re.compile(r"^[a-z][a-z0-9-]{1,40}$")
+#: sbatch options hpc-jobs writes itself (a pass-through would fight them), and what to use instead
+SBATCH_MANAGED = {
+    "job-name": "the stage name", "output": "hpc-jobs' log layout", "error": "hpc-jobs' log layout",
+    "array": "Stage(array=...)", "dependency": "stage inputs/after", "chdir": "the run directory",
+    "time": "--time or --stage-set STAGE.time=...", "partition": "--partition", "account": "--account",
+    "nodes": "--nodes", "ntasks-per-node": "--stage-set STAGE.tasks_per_node=...",
+    "cpus-per-task": "--cpus-per-task", "mem": "--mem", "gres": "--gpus", "gpus-per-node": "--gpus",
+    "qos": "--qos", "constraint": "--constraint", "exclude": "--exclude", "mail-type": "--mail-type",
+    "mail-user": "--mail-user", "signal": "the cluster profile's signal", "requeue": "Stage(requeue=...)",
+    "no-requeue": "Stage(requeue=False)", "open-mode": "hpc-jobs' log layout", "wrap": "python launch.py run -- CMD",
+    "comment": "hpc-jobs' run id", "kill-on-invalid-dep": "hpc-jobs",
+}
 TIME_RE = re.compile(r"^(?:(\d+)-)?(\d{1,2}):(\d{2})(?::(\d{2}))?$|^(\d+)$")
 MEM_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)B?$", re.IGNORECASE)
 
@@ -81,6 +97,11 @@ class Resources:
     account: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
+    exclude: Optional[str] = None  # nodes to avoid: "n[1-3],gpu12"
+    mail_type: Optional[str] = None  # Slurm's own e-mail: "END,FAIL", "ALL", "TIME_LIMIT_80"...
+    mail_user: Optional[str] = None
+    #: other sbatch options, passed through after validation: (("reservation", "r1"), ("nice", "10"))
+    sbatch: Tuple[Tuple[str, str], ...] = ()
 
     @property
     def ntasks_per_node(self) -> int:
@@ -114,6 +135,49 @@ class Resources:
         parse_time(self.time)
         if self.mem is not None:
             parse_mem_mb(self.mem)
+        if self.mail_type is not None:
+            bad = [t for t in self.mail_type.upper().split(",") if t not in MAIL_TYPES]
+            if bad or not self.mail_type:
+                raise UserError(f"{where}: mail type '{self.mail_type}' is not Slurm's: use a comma list of "
+                                f"{', '.join(MAIL_TYPES)}")
+        if self.mail_user is not None and not MAIL_RE.match(self.mail_user):
+            raise UserError(f"{where}: mail user '{self.mail_user}' is not an e-mail address")
+        for key, _value in self.sbatch:
+            if key in SBATCH_MANAGED:
+                raise UserError(f"{where}: --sbatch {key}=... is set by hpc-jobs; use {SBATCH_MANAGED[key]} instead")
+            if not SBATCH_KEY_RE.match(key):
+                raise UserError(f"{where}: --sbatch '{key}' is not an sbatch long option name (e.g. reservation, nice)")
+
+
+@dataclass(frozen=True)
+class BestCheckpoint:
+    """An output that is the best complete checkpoint of a directory by a validation metric.
+
+    ``outputs={"best": BestCheckpoint("checkpoints", metric="val_corr", mode="max")}``: when a
+    downstream stage starts, the input resolves to the complete checkpoint in ``directory`` (of the
+    same task, for an array) whose manifest ``metrics[metric]`` is the highest (``max``) or lowest
+    (``min``); ties go to the later step. Checkpoints without the metric (a signal-time save) are
+    never chosen; none with it fails the downstream stage at start with a clear message.
+    """
+
+    directory: str = "checkpoints"
+    metric: str = "loss"
+    mode: str = "max"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("max", "min"):
+            raise UserError(f"BestCheckpoint mode '{self.mode}' is unknown: use 'max' or 'min'")
+
+    def to_dict(self) -> Dict[str, str]:
+        return {"best_of": self.directory, "metric": self.metric, "mode": self.mode}
+
+    def describe(self) -> str:
+        return f"best {self.metric} ({self.mode}) of {self.directory}/"
+
+
+def output_to_record(value: Any) -> Any:
+    """An output declaration as run.json keeps it: a relative path, or a BestCheckpoint dict."""
+    return value.to_dict() if isinstance(value, BestCheckpoint) else value
 
 
 @dataclass(frozen=True)
@@ -123,8 +187,9 @@ class Input:
     stage: str
     output: str
     kind: str = "data"
-    #: for arrays: ``"all"`` waits for the whole upstream array (afterok); ``"task"`` pairs task i
-    #: with upstream task i (aftercorr) and resolves the output path of that task.
+    #: from an array: ``True`` pairs task i with upstream task i (aftercorr; the input is that task's
+    #: output); ``False`` waits for the whole upstream array (afterok; the input is the list of every
+    #: task's output, in task order).
     per_task: bool = False
 
     def __post_init__(self) -> None:
@@ -137,7 +202,8 @@ class Stage:
     """One job (or one job array) of a pipeline.
 
     ``fn`` is an importable function ``fn(ctx) -> dict | None``; ``outputs`` maps output names to
-    paths relative to the stage's directory (``{task}`` is replaced by the array task index).
+    paths relative to the stage's directory, or of an array task's own directory
+    (``stages/<name>/tasks/<i>/``), or to a :class:`BestCheckpoint`.
     """
 
     name: str
@@ -145,7 +211,7 @@ class Stage:
     resources: Resources = field(default_factory=Resources)
     where: str = "batch"
     inputs: Dict[str, Input] = field(default_factory=dict)
-    outputs: Dict[str, str] = field(default_factory=dict)
+    outputs: Dict[str, Any] = field(default_factory=dict)  # name -> relative path | BestCheckpoint
     after: Sequence[str] = ()  # ordering-only dependencies (no data handed over)
     array: Optional[int] = None  # number of tasks; None = a plain job
     array_parallelism: Optional[int] = None  # the %K throttle
@@ -153,6 +219,9 @@ class Stage:
     description: str = ""
     requeue: bool = True  # allow Slurm to requeue (preemption, signal-driven checkpoint/requeue)
     max_requeues: int = 20  # a stage requeued more often than this fails instead of looping forever
+    #: run the stage's tasks in a container (hpc_jobs.container.Container, or a mapping); None: the
+    #: profile's ``container`` setting, if any. ``--container IMAGE`` overrides the image.
+    container: Any = None
 
     @property
     def setup_kind(self) -> str:
@@ -194,7 +263,18 @@ class Stage:
         if not callable(self.fn) or "<locals>" in self.fn.__qualname__ or "<lambda>" in self.fn.__qualname__:
             raise UserError(f"stage '{self.name}': fn must be a module-level function so jobs can import it")
         self.resources.validate(f"stage '{self.name}'")
-        for name, rel in self.outputs.items():
+        if self.container is not None:
+            from .container import Container
+
+            self.container = Container.from_value(self.container, f"stage '{self.name}'")
+            self.container.validate(f"stage '{self.name}'")
+            if self.where != "batch":
+                raise UserError(f"stage '{self.name}': a container runs batch stages only (where='{self.where}' "
+                                "runs in the launching shell): drop container= or make it where='batch'")
+        for name, out in self.outputs.items():
+            rel = out.directory if isinstance(out, BestCheckpoint) else out
+            if not isinstance(rel, str):
+                raise UserError(f"stage '{self.name}': output '{name}' must be a relative path or a BestCheckpoint")
             if rel.startswith("/") or ".." in rel.split("/"):
                 raise UserError(f"stage '{self.name}': output '{name}' path '{rel}' must be relative to the stage dir")
 
@@ -231,10 +311,10 @@ class Pipeline:
                         f"(stages: {', '.join(self.stages)})"
                     )
                 up = self.stages[parent]
-                if stage.where != "batch" and up.where == "batch":
+                if stage.where == "process" and up.where == "batch":
                     raise UserError(
-                        f"stage '{stage.name}' runs at launch time ({stage.where}) but depends on batch stage "
-                        f"'{parent}': launch-time stages may only depend on launch-time stages"
+                        f"stage '{stage.name}' runs inside the launching process but depends on batch stage "
+                        f"'{parent}': make it where='login' (it then runs when its parents have completed) or 'batch'"
                     )
             for name, inp in stage.inputs.items():
                 up = self.stages[inp.stage]
@@ -284,6 +364,17 @@ class Pipeline:
                     frontier.append(child)
         return [s for s in self.order if s in found]
 
+    def ancestors(self, name: str) -> List[str]:
+        """Stages upstream of ``name`` (not including it), in pipeline order."""
+        found = set()
+        frontier = list(self.stages[name].parents())
+        while frontier:
+            current = frontier.pop()
+            if current not in found:
+                found.add(current)
+                frontier.extend(self.stages[current].parents())
+        return [s for s in self.order if s in found]
+
     def describe(self) -> List[Mapping[str, Any]]:
         return [
             {
@@ -294,7 +385,7 @@ class Pipeline:
                 "array": s.array,
                 "resources": dataclasses.asdict(s.resources),
                 "inputs": {k: dataclasses.asdict(v) for k, v in s.inputs.items()},
-                "outputs": dict(s.outputs),
+                "outputs": {k: output_to_record(v) for k, v in s.outputs.items()},
                 "kind": s.setup_kind,
             }
             for s in self

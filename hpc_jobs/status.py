@@ -26,13 +26,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from . import states as statesmod
+from .errors import UserError
 from .ledger import Run
-from .runtime import marker_path, read_marker
+from .record import JobRecord, StageRecord
+from .runtime import marker_path, read_marker, task_dir
 
-FAILED_LIKE = ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED")
-ACTIVE_LIKE = ("PENDING", "RUNNING", "REQUEUED", "PREEMPTED", "SUBMITTED")
+FAILED_LIKE = statesmod.FAILED
+ACTIVE_LIKE = statesmod.ACTIVE
 STALE_AFTER_S = 600.0
 TAIL_LINES = 15
+
+
+@dataclass
+class TaskState:
+    """One task of an array stage (``status RUN STAGE`` lists them)."""
+
+    index: int
+    state: str
+    job_id: str = ""  # JOBID_i of its newest submission
+    node: str = ""
+    elapsed: str = ""
+    exit_code: str = ""
+    raw_state: str = ""
+    reason: str = ""
+    error: str = ""
+    progress: Optional[Dict[str, Any]] = None
+    metric: str = ""  # the last metric
+    best: str = ""  # the best validation metric so far: "val_corr=0.31 @120"
+    result: Any = None
+
+    def as_dict(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
 
 
 @dataclass
@@ -48,6 +73,7 @@ class StageState:
     result: Any = None
     progress: Optional[Dict[str, Any]] = None
     tasks: Dict[str, str] = field(default_factory=dict)  # task -> state, for arrays
+    task_list: List[TaskState] = field(default_factory=list)  # every task of an array, in order
     raw_state: str = ""  # Slurm's own words ("CANCELLED by 0", "OUT_OF_MEMORY")
     where: str = ""
     metric: str = ""  # the last metric: "loss=0.12" / "val spearman=0.91"
@@ -60,39 +86,14 @@ class StageState:
     handoff: str = ""
 
     def as_dict(self) -> Dict[str, Any]:
-        return dict(self.__dict__)
+        out = {k: v for k, v in self.__dict__.items() if k != "task_list"}
+        out["task_list"] = [t.as_dict() for t in self.task_list]
+        return out
 
-
-def _aggregate(states: List[str]) -> str:
-    if not states:
-        return "UNKNOWN"
-    if all(s == "COMPLETED" for s in states):
-        return "COMPLETED"
-    for active in ("RUNNING", "REQUEUED", "PREEMPTED", "PENDING", "SUBMITTED"):
-        if active in states:
-            return active
-    for bad in ("OUT_OF_MEMORY", "NODE_FAIL", "TIMEOUT", "FAILED", "CANCELLED"):
-        if bad in states:
-            return bad
-    return "UNKNOWN"
-
-
-def _task_ids(entry: Dict[str, Any]) -> List[str]:
-    ids: List[str] = []
-    for job in entry.get("jobs", []):
-        if entry.get("array"):
-            ids += [f"{job['job_id']}_{i}" for i in range(_array_len(job["array"]))]
-        else:
-            ids.append(str(job["job_id"]))
-    return ids
-
-
-def _array_len(spec: str) -> int:
-    rng = str(spec).split("%")[0]
-    if "-" in rng:
-        lo, hi = rng.split("-")
-        return int(hi) - int(lo) + 1
-    return 1
+    @property
+    def task_counts(self) -> str:
+        """``7 tasks: 5 COMPLETED, 2 RUNNING`` ("" for a plain job)."""
+        return statesmod.counts_text(t.state for t in self.task_list) if self.task_list else ""
 
 
 def _safe_marker(stage_dir: Path, task: Optional[int]) -> Optional[Dict[str, Any]]:
@@ -183,18 +184,41 @@ def read_progress(stage_dir: Path, state: str, now: Optional[float] = None,
     return parse_heartbeat(text, state, now, started=started)
 
 
-def _started(stage_dir: Path, entry: Dict[str, Any]) -> Optional[float]:
-    """When the stage's current attempt started (its marker, else run.json), as epoch seconds."""
+def _started(stage_dir: Path, rec: StageRecord, task: Optional[int] = None) -> Optional[float]:
+    """When the task's current attempt started (its marker, else run.json), as epoch seconds."""
     import datetime as _dt
 
-    marker = _safe_marker(stage_dir, 0 if entry.get("array") else None)
+    marker = _safe_marker(stage_dir, task)
     if marker and marker.get("started"):
         try:
             return _dt.datetime.fromisoformat(str(marker["started"])).timestamp()
         except ValueError:
             pass
-    value = entry.get("started")
-    return float(value) if isinstance(value, (int, float)) else None
+    return float(rec.started) if isinstance(rec.started, (int, float)) else None
+
+
+def best_metric(out_dir: Path, rec: Optional[StageRecord] = None) -> str:
+    """The best validation metric a training task has reached: by the stage's BestCheckpoint
+    output when it declares one, else as the engine records it in its checkpoints' manifests
+    (``val_corr=0.312 @120``); "" when none."""
+    from .fsutil import read_json
+
+    for out in (rec.outputs.values() if rec else ()):
+        if isinstance(out, dict) and "best_of" in out:
+            from .checkpoint import best_complete
+
+            found = best_complete(out_dir / out["best_of"], out["metric"], out["mode"], quick=True)
+            if found:
+                return f"{out['metric']}={found[1].metrics[out['metric']]:.4g} @{found[1].step}"
+
+    try:
+        manifest = read_json(out_dir / "checkpoints" / "last.pt.manifest.json")
+    except (ValueError, OSError):
+        return ""
+    best = ((manifest or {}).get("meta") or {}).get("best") if isinstance(manifest, dict) else None
+    if isinstance(best, dict) and _num(best.get("value")) is not None:
+        return f"{best.get('metric')}={_num(best['value']):.4g} @{best.get('step', '?')}"
+    return ""
 
 
 def last_metric(stage_dir: Path, progress: Optional[Dict[str, Any]] = None) -> str:
@@ -249,54 +273,37 @@ def tail_lines(path: Path, n: int = TAIL_LINES, max_bytes: int = 65536) -> List[
     return [l for l in lines if l.strip()][-n:]
 
 
-def _slurm_log(stage_dir: Path, job: Dict[str, Any], array: bool, task: Optional[int], rank: int,
+def _slurm_log(stage_dir: Path, job: JobRecord, array: bool, task: Optional[int], rank: int,
                suffix: str, job_id: Optional[str] = None) -> Path:
-    jid = job_id or str(job["job_id"])
+    jid = job_id or job.job_id
     folder = stage_dir / "slurm"
     if array:
-        local = (task or 0) - int(job.get("first_task", 0) or 0)
-        return folder / f"{jid}_{local}_{rank}_log{suffix}"
+        return folder / f"{jid}_{(task or 0) - job.offset}_{rank}_log{suffix}"
     return folder / f"{jid}_{rank}_log{suffix}"
-
-
-def _job_for_task(entry: Dict[str, Any], task: Optional[int]) -> Optional[Dict[str, Any]]:
-    jobs = entry.get("jobs", [])
-    if not jobs:
-        return None
-    if not entry.get("array") or task is None:
-        return jobs[0]
-    for job in jobs:
-        first = int(job.get("first_task", 0) or 0)
-        if first <= task < first + _array_len(job.get("array", "0")):
-            return job
-    return jobs[-1]
 
 
 def log_files(run: Run, stage: str, task: Optional[int] = None, rank: int = 0) -> List[Path]:
     """The log files of a stage's current submission, stdout before stderr (existing ones only).
     Array stages without ``task``: every task's files."""
-    entry = run.stage(stage)
+    rec = run.stage(stage)
     stage_dir = run.stage_dir(stage)
     files: List[Path] = []
-    if entry.get("where") == "batch" and run.record.get("backend") == "slurm" and not entry.get("debug"):
-        folder = stage_dir / "slurm"
-        for job in entry.get("jobs", []):
-            jid = job["job_id"]
-            if entry.get("array") and task is None:
-                pattern = f"{jid}_*_{rank}_log"
-            elif entry.get("array"):
-                if _job_for_task(entry, task) is not job:
-                    continue
-                pattern = _slurm_log(stage_dir, job, True, task, rank, "").name
-            else:
-                pattern = f"{jid}_{rank}_log"
+    if rec.where == "batch" and run.backend == "slurm" and not rec.debug:
+        tasks = [task] if task is not None or not rec.array else list(range(rec.num_tasks))
+        for t in tasks:
+            job = rec.job_for_task(t)
+            if job is None:
+                continue
+            base = _slurm_log(stage_dir, job, rec.is_array, t, rank, "")
             for suffix in (".out", ".err"):
-                files += sorted(folder.glob(pattern + suffix), key=_natural)
+                path = base.with_name(base.name + suffix)
+                if path.exists():
+                    files.append(path)
     else:
         local = stage_dir / "local"
-        prefix = f"task{task}." if task is not None else ("task*." if entry.get("array") else "")
+        prefix = f"task{task}." if task is not None else ("task*." if rec.array else "")
         files += sorted(local.glob(f"{prefix}rank{rank}.log"), key=_natural)
-        if entry.get("debug"):
+        if rec.debug:
             files += sorted((stage_dir / "debug").glob("*.log"), key=_natural)
     return files
 
@@ -335,22 +342,25 @@ def log_attempts(run: Run, stage: str, task: Optional[int] = None, rank: int = 0
     a requeue appends to the same files: its boundaries are submitit's "Starting with
     JobEnvironment" lines in the .err file (and an ``[hpc_jobs] attempt`` banner where the stage
     prints one). Without a boundary in the .out file, every attempt of one job shows all of it."""
-    entry = run.stage(stage)
+    rec = run.stage(stage)
     stage_dir = run.stage_dir(stage)
-    array = bool(entry.get("array"))
-    history = entry.get("history") or ([{"job_ids": [j["job_id"] for j in entry.get("jobs", [])]}] if entry.get("jobs") else [])
-    current = _job_for_task(entry, task)
+    array = rec.is_array
+    history = rec.history or ([{"job_ids": rec.job_ids()}] if rec.jobs else [])
+    current = rec.job_for_task(task)
     attempts: List[Attempt] = []
     for n_sub, sub in enumerate(history):
         ids = [str(j) for j in sub.get("job_ids", [])]
         if not ids:
             continue
-        if array and current is not None:
-            idx = entry.get("jobs", []).index(current) if current in entry.get("jobs", []) else 0
-            jid = ids[min(idx, len(ids) - 1)]
+        if array and sub.get("tasks") is not None and task is not None and task not in sub["tasks"]:
+            continue  # a resume that did not rerun this task
+        if array and current is not None and current.job_id in ids:
+            jid = current.job_id
         else:
             jid = ids[0]
-        ref = current or {"job_id": jid}
+        ref = current or JobRecord(job_id=jid)
+        if array and jid != ref.job_id:
+            ref = JobRecord(job_id=jid, tasks=ref.tasks, offset=ref.offset)
         out = _slurm_log(stage_dir, ref, array, task, rank, ".out", jid)
         err = _slurm_log(stage_dir, ref, array, task, rank, ".err", jid)
         files = [p for p in (out, err) if p.exists()]
@@ -383,18 +393,19 @@ def read_range(path: Path, rng: Tuple[int, Optional[int]]) -> str:
     return data.decode(errors="replace")
 
 
-def _error_log(run: Run, name: str, entry: Dict[str, Any], st: StageState) -> Optional[Path]:
+def _error_log(run: Run, name: str, rec: StageRecord, st: StageState) -> Optional[Path]:
     """The file whose tail explains a failure: rank 0's stderr of the (first failed) task."""
     stage_dir = run.stage_dir(name)
     task = None
-    if entry.get("array"):
-        bad = [int(t) for t, s in st.tasks.items() if s not in ("COMPLETED",)]
+    if rec.array:
+        bad = [t.index for t in st.task_list if t.state in statesmod.FAILED and t.state != "CANCELLED"] or \
+              [t.index for t in st.task_list if t.state != "COMPLETED"]
         task = bad[0] if bad else 0
-    if entry.get("where") == "batch" and run.record.get("backend") == "slurm" and entry.get("jobs"):
-        job = _job_for_task(entry, task)
+    if rec.where == "batch" and run.backend == "slurm" and rec.jobs:
+        job = rec.job_for_task(task)
         if job is None:
             return None
-        path = _slurm_log(stage_dir, job, bool(entry.get("array")), task, 0, ".err")
+        path = _slurm_log(stage_dir, job, rec.is_array, task, 0, ".err")
         return path if path.exists() else None
     local = stage_dir / "local" / (f"task{task}.rank0.log" if task is not None else "rank0.log")
     if local.exists():
@@ -405,10 +416,9 @@ def _error_log(run: Run, name: str, entry: Dict[str, Any], st: StageState) -> Op
 
 # -- the merge -----------------------------------------------------------------------------------
 def run_job_ids(run: Run) -> List[str]:
-    stages = run.record.get("stages", {})
-    if run.record.get("backend") != "slurm":
+    if run.backend != "slurm":
         return []
-    return [i for entry in stages.values() if entry.get("where") == "batch" for i in _task_ids(entry)]
+    return [i for rec in run.stages.values() if rec.where == "batch" for i in rec.slurm_ids()]
 
 
 def stage_states(run: Run, triage: bool = True, now: Optional[float] = None, fresh: bool = False) -> Dict[str, StageState]:
@@ -428,88 +438,110 @@ def stage_states(run: Run, triage: bool = True, now: Optional[float] = None, fre
     return out
 
 
-def _merge(run: Run, snap, triage: bool, now: Optional[float]) -> Tuple[Dict[str, StageState], bool]:
-    from .slurm import ACTIVE_STATES
+def _task_from_scheduler(rec: StageRecord, stage_dir: Path, task: Optional[int], snap, answered_at: float,
+                         ts: TaskState) -> bool:
+    """Fill ``ts`` from the scheduler's answer and the task's marker; True when a marker newer than
+    the answer disagrees with it (the caller asks the scheduler again)."""
+    from .slurm import ACTIVE_STATES, format_elapsed
 
+    tid = rec.slurm_id(task)
+    ts.job_id = tid or ""
+    info = snap.get(tid) if tid else None
+    marker = _marker_state(stage_dir, task, tid)
+    disagree = False
+    if marker and info is not None and _newer(stage_dir, task, answered_at):
+        mstate = marker.get("state")
+        if (mstate in ("COMPLETED", "FAILED") and info.state in ACTIVE_STATES) or \
+                (mstate == "RUNNING" and info.state == "PENDING"):
+            disagree = True
+    if info is not None and info.state != "UNKNOWN":
+        ts.state = info.state
+        ts.elapsed, ts.node = info.elapsed, info.node if info.node not in ("None assigned",) else ""
+        ts.reason = info.reason if info.state == "PENDING" and info.reason not in ("None", "") else ""
+        ts.exit_code, ts.raw_state = info.exit_code, info.raw_state
+    elif marker and marker.get("state") in ("COMPLETED", "FAILED"):
+        ts.state = marker["state"]
+        ts.raw_state = f"{ts.state} (marker)"
+        if marker.get("elapsed_s") is not None:
+            ts.elapsed = format_elapsed(float(marker["elapsed_s"]))
+        ts.node = str(marker.get("host") or "")
+    elif tid is None:
+        ts.state = rec.task_state.get(str(task), rec.state if rec.state in statesmod.PLANNED else "UNKNOWN")
+    elif info is None and tid.split("_")[0] in snap.pending:
+        ts.state = "SUBMITTED"  # not asked about yet (just submitted)
+    else:
+        ts.state = "UNKNOWN"
+    if marker and marker.get("error"):
+        ts.error = marker["error"]
+    if marker and "result" in marker and ts.state == "COMPLETED":
+        ts.result = marker["result"]
+    if ts.state in ("PENDING", "SUBMITTED"):
+        ts.elapsed, ts.exit_code = "", ""
+    return disagree
+
+
+def _task_here(rec: StageRecord, stage_dir: Path, task: Optional[int], now: float, ts: TaskState) -> None:
+    """A task run on this machine (launch-time stages, the local backend): its marker tells."""
+    marker = _safe_marker(stage_dir, task)
+    recorded = rec.task_state.get(str(task))
+    if marker and marker.get("state") and not (recorded == "CANCELLED"):
+        ts.state = marker["state"]
+        if ts.state == "RUNNING" and rec.state not in statesmod.ACTIVE:
+            ts.state = recorded or "FAILED"  # the process running it is gone
+    else:
+        ts.state = recorded or (rec.state if not rec.array else "PLANNED")
+    if marker:
+        ts.error = marker.get("error", "") or ""
+        ts.result = marker.get("result")
+        ts.node = str(marker.get("host") or "")
+        if marker.get("elapsed_s") is not None:
+            ts.elapsed = _fmt_elapsed(float(marker["elapsed_s"]))
+
+
+def _merge(run: Run, snap, triage: bool, now: Optional[float]) -> Tuple[Dict[str, StageState], bool]:
     now = time.time() if now is None else now
     answered_at = now - snap.age_s if snap.age_s != float("inf") else 0.0
-    stages = run.record.get("stages", {})
     out: Dict[str, StageState] = {}
     disagree = False
-    for name in run.record.get("order", list(stages)):
-        entry = stages[name]
+    for rec in run.in_order():
+        name = rec.name
         stage_dir = run.stage_dir(name)
-        st = StageState(name=name, state=entry.get("state", "UNKNOWN"), where=entry.get("where", ""))
-        if entry.get("where") == "batch" and run.record.get("backend") == "slurm" and entry.get("jobs"):
-            task_ids = _task_ids(entry)
-            st.job_ids = [str(j["job_id"]) for j in entry["jobs"]]
-            states = []
-            for n, tid in enumerate(task_ids):
-                info = snap.get(tid)
-                task = n if entry.get("array") else None
-                marker = _marker_state(stage_dir, task, tid)
-                if marker and info is not None and _newer(stage_dir, task, answered_at):
-                    mstate = marker.get("state")
-                    if (mstate in ("COMPLETED", "FAILED") and info.state in ACTIVE_STATES) or \
-                            (mstate == "RUNNING" and info.state == "PENDING"):
-                        disagree = True
-                if info is not None and info.state != "UNKNOWN":
-                    state = info.state
-                    if state == "RUNNING" or not st.elapsed or n == 0:
-                        st.elapsed, st.node = info.elapsed, info.node if info.node not in ("None assigned",) else ""
-                    st.reason = info.reason if state == "PENDING" and info.reason not in ("None", "") else st.reason
-                    if state not in ("COMPLETED",) or not st.exit_code:
-                        st.exit_code = info.exit_code
-                    if state != "COMPLETED" or not st.raw_state:
-                        st.raw_state = info.raw_state
-                elif marker and marker.get("state") in ("COMPLETED", "FAILED"):
-                    state = marker["state"]
-                    st.raw_state = st.raw_state or f"{state} (marker)"
-                    if marker.get("elapsed_s") is not None:
-                        from .slurm import format_elapsed
-
-                        st.elapsed = format_elapsed(float(marker["elapsed_s"]))
-                    st.node = st.node or str(marker.get("host") or "")
-                elif info is None and tid.split("_")[0] in snap.pending:
-                    state = "SUBMITTED"  # not asked about yet (just submitted)
-                else:
-                    state = "UNKNOWN"
-                if marker and marker.get("error"):
-                    st.error = marker["error"]
-                if marker and "result" in marker and state == "COMPLETED":
-                    st.result = marker["result"]
-                states.append(state)
-                if entry.get("array"):
-                    st.tasks[str(n)] = state
-            st.state = _aggregate(states)
-            if st.state in ("PENDING", "SUBMITTED"):
-                st.elapsed, st.exit_code = "", ""
-        else:
-            tasks = range(entry["array"]) if entry.get("array") else [None]
-            for task in tasks:
-                marker = _safe_marker(stage_dir, task)
-                if marker:
-                    if marker.get("error"):
-                        st.error = marker["error"]
-                    if "result" in marker:
-                        st.result = marker["result"]
-                    if task is not None:
-                        st.tasks[str(task)] = marker.get("state", "UNKNOWN")
-                    if marker.get("host") and not st.node:
-                        st.node = str(marker["host"])
-            if entry.get("started"):
-                end = entry.get("ended") or now
-                st.elapsed = _fmt_elapsed(end - entry["started"])
-            if entry.get("exit_code") is not None:
-                st.exit_code = str(entry["exit_code"])
-            if entry.get("job_id"):
-                st.job_ids = [str(entry["job_id"])]
-            st.reason = entry.get("reason", "")
-        st.interruptions = interruptions(stage_dir, entry)
-        st.handoff = ", ".join(f"{i['kind']} {i['stage']}" for i in (entry.get("inputs") or {}).values()
-                               if i.get("kind") in ("init", "resume"))
-        st.progress = read_progress(stage_dir, st.state, now, _started(stage_dir, entry))
-        st.metric = last_metric(stage_dir, st.progress) if st.state in ("RUNNING", "COMPLETED", *FAILED_LIKE) else ""
+        st = StageState(name=name, state=rec.state, where=rec.where)
+        scheduled = rec.where == "batch" and run.backend == "slurm" and bool(rec.jobs)
+        tasks: List[TaskState] = []
+        for task in rec.task_indices:
+            ts = TaskState(index=task if task is not None else 0, state="UNKNOWN")
+            if scheduled:
+                disagree |= _task_from_scheduler(rec, stage_dir, task, snap, answered_at, ts)
+            else:
+                _task_here(rec, stage_dir, task, now, ts)
+            where = task_dir(stage_dir, task)
+            ts.progress = read_progress(where, ts.state, now, _started(stage_dir, rec, task))
+            if ts.state in ("RUNNING", "COMPLETED", *FAILED_LIKE):
+                ts.metric = last_metric(where, ts.progress)
+                ts.best = best_metric(where, rec) if ts.state in ("RUNNING", "COMPLETED") else ""
+            tasks.append(ts)
+        st.state = statesmod.aggregate(t.state for t in tasks) if (scheduled or rec.array) else tasks[0].state
+        if not scheduled and not rec.array:
+            st.state = tasks[0].state if rec.state not in statesmod.PLANNED else rec.state
+        if rec.array:
+            st.task_list = tasks
+            st.tasks = {str(t.index): t.state for t in tasks}
+        # the stage's row: a running task's place, the slowest task's progress, the first error
+        lead = _lead_task(tasks)
+        st.job_ids = rec.job_ids() if scheduled else ([rec.job_id] if rec.job_id else [])
+        st.elapsed, st.node, st.exit_code, st.raw_state = lead.elapsed, lead.node, lead.exit_code, lead.raw_state
+        if not scheduled and rec.started and not rec.array:
+            st.elapsed = _fmt_elapsed((rec.ended or now) - rec.started) if rec.state not in statesmod.PLANNED else ""
+        if not scheduled and rec.exit_code is not None:
+            st.exit_code = str(rec.exit_code)
+        st.reason = next((t.reason for t in tasks if t.reason), "") or rec.reason
+        st.error = next((t.error for t in tasks if t.error), "")
+        st.result = tasks[0].result if not rec.array else next((t.result for t in tasks if t.result is not None), None)
+        st.progress, st.metric = lead.progress, lead.metric
+        st.interruptions = interruptions(stage_dir, rec)
+        st.handoff = ", ".join(f"{i['kind']} {i['stage']}" + ("[task]" if i.get("per_task") else "")
+                               for i in rec.inputs.values() if i.get("kind") in ("init", "resume"))
         out[name] = st
     _cancelled_upstream(run, out)
     if triage:
@@ -517,14 +549,21 @@ def _merge(run: Run, snap, triage: bool, now: Optional[float]) -> Tuple[Dict[str
     return out, disagree
 
 
-def interruptions(stage_dir: Path, entry: Dict[str, Any]) -> List[Dict[str, Any]]:
+def _lead_task(tasks: List[TaskState]) -> TaskState:
+    """The task a stage's row shows: the slowest running one, else the first not completed."""
+    running = [t for t in tasks if t.state == "RUNNING"]
+    if running:
+        return min(running, key=lambda t: (t.progress or {}).get("fraction") or 0.0)
+    return next((t for t in tasks if t.state != "COMPLETED"), tasks[0])
+
+
+def interruptions(stage_dir: Path, rec: StageRecord) -> List[Dict[str, Any]]:
     """The attempts of a stage that ended without completing, oldest first, each with its cause:
     PREEMPTED, TIMEOUT, REQUEUED (a requeue signal), NODE_FAIL, CANCELLED, FAILED (a crash)..."""
     from .runtime import read_attempts
 
     out: List[Dict[str, Any]] = []
-    tasks = range(entry["array"]) if entry.get("array") else [None]
-    for task in tasks:
+    for task in rec.task_indices:
         last: Dict[Tuple[Any, Any], Dict[str, Any]] = {}
         for e in read_attempts(stage_dir, task):
             if e.get("event") == "end":
@@ -542,9 +581,9 @@ def _cancelled_upstream(run: Run, out: Dict[str, StageState]) -> None:
     (--kill-on-invalid-dep): report that, not UNKNOWN, so nothing waits for it forever."""
     for name in run.record.get("order", []):
         st = out.get(name)
-        if st is None or st.state != "UNKNOWN" or any(run.stage_dir(name).glob("state*.json")):
+        if st is None or st.state != "UNKNOWN" or any(run.stage_dir(name).glob("**/state.json")):
             continue
-        bad = [p for p in run.stage(name).get("depends_on", []) if p in out and out[p].state in FAILED_LIKE]
+        bad = [p for p in run.stage(name).depends_on if p in out and out[p].state in FAILED_LIKE]
         if bad:
             st.state = "CANCELLED"
             st.reason = f"upstream stage {bad[0]} ended {out[bad[0]].state}: DependencyNeverSatisfied"
@@ -560,12 +599,11 @@ def _newer(stage_dir: Path, task: Optional[int], than: float) -> bool:
 def _triage(run: Run, states: Dict[str, StageState]) -> None:
     from .triage import Facts, diagnose
 
-    stages = run.record.get("stages", {})
     root_failure: Dict[str, Optional[str]] = {}
     for name, st in states.items():
-        entry = stages[name]
+        rec = run.stage(name)
         upstream = None
-        for parent in entry.get("depends_on", []):
+        for parent in rec.depends_on:
             pst = states.get(parent)
             if pst is None:
                 continue
@@ -580,12 +618,12 @@ def _triage(run: Run, states: Dict[str, StageState]) -> None:
             continue
         never_ran = st.state == "CANCELLED" and upstream is not None
         root_failure[name] = upstream if never_ran else name
-        log = None if never_ran else _error_log(run, name, entry, st)
+        log = None if never_ran else _error_log(run, name, rec, st)
         if log is not None:
             st.log_file = str(log)
             st.log_tail = tail_lines(log)
         result = diagnose(Facts(state=st.state, raw_state=st.raw_state, exit_code=st.exit_code,
-                                reason=st.reason or entry.get("reason", ""), error=st.error, log_tail=st.log_tail,
+                                reason=st.reason or rec.reason, error=st.error, log_tail=st.log_tail,
                                 upstream_failed=upstream if never_ran else None, run=run.id, stage=name))
         if result is not None:
             st.hint = result.as_dict()
@@ -608,16 +646,24 @@ def _fmt_elapsed(seconds: float) -> str:
     return f"{h:02d}:{m:02d}:{s:02d}"
 
 
-def cancel(run: Run, stages: Optional[List[str]] = None) -> List[str]:
+def cancel(run: Run, stages: Optional[List[str]] = None, task: Optional[int] = None) -> List[str]:
+    """Cancel the jobs of a run (or of some stages; ``task``: only that task of one array stage)."""
     from . import poller, slurm
 
     run.reload()
-    names = stages or list(run.record.get("order", []))
-    ids = []
+    names = stages or run.order
+    ids: List[str] = []
     for name in names:
-        entry = run.stage(name)
-        ids += [str(j["job_id"]) for j in entry.get("jobs", [])]
-    if ids and run.record.get("backend") == "slurm":
+        rec = run.stage(name)
+        if task is not None:
+            if not rec.array or not 0 <= task < rec.num_tasks:
+                raise UserError(f"stage '{name}' has no task {task}: "
+                                + (f"its tasks are 0-{rec.num_tasks - 1}" if rec.array else "it is not an array"))
+            sid = rec.slurm_id(task)
+            ids += [sid] if sid else []
+        else:
+            ids += rec.job_ids()
+    if ids and run.backend == "slurm":
         slurm.cancel(ids)
         poller.invalidate()
     return ids

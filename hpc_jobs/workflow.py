@@ -14,7 +14,7 @@ import importlib
 import os
 import pkgutil
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Type
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Type
 
 from . import config as cfgmod
 from .errors import UserError
@@ -44,7 +44,27 @@ class LaunchOptions:
     account: Optional[str] = None
     time: Optional[str] = None
     gpu_type: Optional[str] = None
+    # the sbatch options people type, for the GPU stages (every batch stage when none uses GPUs)
+    mem: Optional[str] = None
+    cpus_per_task: Optional[int] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    exclude: Optional[str] = None
+    mail_type: Optional[str] = None
+    mail_user: Optional[str] = None
+    sbatch: Tuple[Tuple[str, str], ...] = ()  # --sbatch KEY=VALUE, validated pass-through
+    stage_sets: Tuple[str, ...] = ()  # --stage-set STAGE.FIELD=VALUE: one stage's resources
     local: bool = False  # the local backend: size stages for this machine
+    #: ``--container IMAGE`` / ``--container-runtime``: every batch stage runs in that image
+    #: (hpc_jobs.container.apply_cli_container); None: the stage's or the profile's container, if any
+    container: Optional[str] = None
+    container_runtime: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.container or self.container_runtime:  # an unknown runtime: one line, exit 2, at parse time
+            from .container import Container
+
+            Container(runtime=self.container_runtime, image=self.container).validate("--container")
 
 
 class Workflow:
@@ -60,6 +80,11 @@ class Workflow:
     #: ``default_preset`` (a tiny preset for the generated data set).
     data_key: Optional[str] = None
     real_data_preset: Optional[str] = None
+    #: ``--sweep``: the first stage that depends on the swept values (default: the first GPU
+    #: stage), and the result key that ranks the points (default: the last stage's first number)
+    sweep_from: Optional[str] = None
+    sweep_metric: Optional[str] = None
+    sweep_mode: str = "max"  # "max": the highest metric ranks first; "min" for errors and losses
 
     def __init__(self, config: Any, options: LaunchOptions):
         self.config = config
@@ -111,6 +136,26 @@ class Workflow:
     def config_keys(cls) -> List[str]:
         return sorted(cfgmod.leaf_types(cls.Config))
 
+    @classmethod
+    def config_help(cls) -> List[str]:
+        """``key: type = default`` for every config key (``--help``)."""
+        defaults = cfgmod.flatten(cls.Config())
+        return [f"{key}: {cfgmod.type_name(tp)} = {defaults.get(key)!r}"
+                for key, tp in sorted(cfgmod.leaf_types(cls.Config).items())]
+
+    @classmethod
+    def config_sources(cls, preset: Optional[str], config_file: Optional[str],
+                       overrides: Optional[Mapping[str, Any]]) -> Dict[str, str]:
+        """Where each config key's value comes from: default, preset NAME, --config FILE or --set."""
+        sources = {key: "default" for key in cfgmod.leaf_types(cls.Config)}
+        preset = preset or cls.choose_preset(config_file, overrides or {})
+        if preset in cls.presets:
+            sources.update({k: f"preset {preset}" for k in cfgmod.flatten_mapping(cls.presets[preset]) if k in sources})
+        if config_file:
+            sources.update({k: f"--config {config_file}" for k in cfgmod.load_yaml_file(config_file) if k in sources})
+        sources.update({k: "--set" for k in (overrides or {}) if k in sources})
+        return sources
+
 
 def register(cls: Type[Workflow]) -> Type[Workflow]:
     """Class decorator: make a workflow findable as ``python launch.py NAME``."""
@@ -127,6 +172,7 @@ def register(cls: Type[Workflow]) -> Type[Workflow]:
 
 def discover() -> Dict[str, Type[Workflow]]:
     """Import every module of the launcher packages once; return the registry."""
+    importlib.import_module("hpc_jobs.command")  # the built-in `run`: your own command as a pipeline
     for package_name in launcher_packages():
         package = importlib.import_module(package_name)
         for info in pkgutil.iter_modules(package.__path__):

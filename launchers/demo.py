@@ -28,12 +28,13 @@ class DemoConfig:
     lr: float = 0.5
     shards: int = 3
     seed: int = 0
-    fail_once: str = ""  # fault injection: this stage fails on its first attempt
+    fail_once: str = ""  # fault injection: this stage (STAGE, or STAGE:TASK) fails on its first attempt
     sleep_s: float = 0.0  # make train slow enough to watch or interrupt
 
 
 def _maybe_fail(ctx) -> None:
-    if ctx.config.fail_once == ctx.stage:
+    stage, _, task = ctx.config.fail_once.partition(":")  # "STAGE" or "STAGE:TASK"
+    if stage == ctx.stage and (not task or int(task) == ctx.task_index):
         flag = ctx.out_dir / ".failed_once"
         if not flag.exists():
             flag.write_text("1")
@@ -124,6 +125,8 @@ class Demo(Workflow):
     name = "demo"
     summary = "a 5-stage toy pipeline (login, array of 3, train -> resume -> init eval); runs in seconds"
     Config = DemoConfig
+    sweep_from = "train"  # --sweep lr=0.1,0.5: fetch and shard run once, train -> evaluate once per point
+    sweep_metric, sweep_mode = "abs_error", "min"
 
     def build(self) -> Pipeline:
         cfg = self.config

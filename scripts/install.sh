@@ -22,7 +22,7 @@ elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
 # ---------------------------------------------------------------------------- system packages
 t=$(now)
-want=(ffmpeg tmux g++)
+want=(ffmpeg tmux g++ chromium)
 # A Debian system python needs these for venv and for building torchsort; pyenv's has them.
 "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || want+=(python3-venv)
 "$PYTHON" - <<'EOF' 2>/dev/null || want+=(python3-dev)

@@ -26,8 +26,7 @@ def split(ctx):
 def count(ctx):                      # one task of an array: ctx.task_index, ctx.num_tasks
     words = json.loads(ctx.inputs["words"].read_text())
     mine = words[ctx.task_index::ctx.num_tasks]
-    out = ctx.output("counts")       # "counts/{task}.json": one file per task
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = ctx.output("counts")       # in this task's own directory: stages/count/tasks/<i>/counts.json
     out.write_text(json.dumps(Counter(mine)))
     return {"task": ctx.task_index, "words": len(mine)}
 
@@ -50,6 +49,6 @@ class Wordcount(Workflow):
         return Pipeline(self.name, [
             Stage("split", split, where="login", outputs={"words": "words.json"}),
             Stage("count", count, resources=small, array=self.config.shards,
-                  inputs={"words": Input("split", "words")}, outputs={"counts": "counts/{task}.json"}),
+                  inputs={"words": Input("split", "words")}, outputs={"counts": "counts.json"}),
             Stage("merge", merge, resources=small, inputs={"counts": Input("count", "counts")}),
         ])

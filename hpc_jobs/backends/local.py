@@ -1,5 +1,9 @@
 """Local backend: run a pipeline's stages on this machine, in dependency order.
 
+``LocalBackend.start(run, selection)`` runs the selected stage tasks in order (every stage of a
+local run; the launch-time stages of any run). A task whose per-task parent task, or any task of a
+whole-stage parent, did not complete is CANCELLED; its siblings run.
+
 Each stage task runs as ``python -m hpc_jobs.runtime RUN_DIR STAGE [--task I]`` with the run's code
 snapshot on PYTHONPATH, exactly the runner a Slurm job would unpickle. A stage with ``--gpus N``
 runs N ranks (torchrun-style RANK/WORLD_SIZE/MASTER_ADDR variables); without a GPU they use gloo
@@ -16,7 +20,9 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, TextIO
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
+
+from .. import states as statesmod
 
 
 def free_port() -> int:
@@ -34,11 +40,100 @@ def _pump(stream, log: TextIO, echo: Optional[Callable[[str], None]]) -> None:
     stream.close()
 
 
+def has_cuda() -> bool:
+    """Cheap check without importing torch: a visible NVIDIA device node."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    return os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl")
+
+
+def blocked_by(run: Any, rec: Any, task: Optional[int], not_done: Dict[str, set]) -> Optional[str]:
+    """The parent that keeps ``task`` of ``rec`` from running (a per-task parent's same task, or any
+    task of a whole-stage parent, did not complete); None when it may run."""
+    per_task = set(rec.per_task_parents())
+    for parent in rec.depends_on:
+        bad = not_done.get(parent)
+        if not bad:
+            continue
+        if parent in per_task and rec.array and run.stage(parent).array:
+            if task in bad:
+                return f"{parent}[{task}]"
+        else:
+            return parent
+    return None
+
+
 class LocalBackend:
     name = "local"
 
     def __init__(self, python: str = sys.executable):
         self.python = python
+
+    # -- the backend interface -------------------------------------------------------------------
+    def start(self, run: Any, selection: Dict[str, List[Optional[int]]], echo: Callable[[str], None],
+              active: Optional[Dict[str, List[str]]] = None) -> Dict[str, set]:
+        """Run the selected stage tasks here, in order; return the tasks that did not complete,
+        per stage (empty when all did)."""
+        from ..runtime import read_marker
+
+        said: List[bool] = []
+
+        def gpus_note(world: int) -> None:
+            if not said and not has_cuda():
+                said.append(True)
+                echo(f"no GPU on this machine: {world} ranks run with gloo on the CPU")
+
+        def marker_state(name: str, task: Optional[int]) -> Optional[str]:
+            try:
+                marker = read_marker(run.stage_dir(name), task)
+            except (ValueError, OSError):
+                return None
+            return marker.get("state") if isinstance(marker, dict) else None
+
+        not_done: Dict[str, set] = {}
+        for name, tasks in selection.items():
+            rec = run.stage(name)
+            blocked = {t: blocked_by(run, rec, t, not_done) for t in tasks}
+            runnable = [t for t in tasks if blocked[t] is None]
+            for task, parent in blocked.items():
+                if parent is not None:
+                    rec.task_state[str(task)] = "CANCELLED"
+                    echo(f"[{name}{'' if task is None else f':{task}'}] cancelled: upstream '{parent}' did not complete")
+            if runnable:
+                run.set_state(name, "RUNNING", started=time.time(), ended=None)
+                codes = self.run_stage(run, name, echo, gpus_note, runnable)
+                for task, code in codes.items():
+                    rec.task_state[str(task)] = "COMPLETED" if code == 0 else "FAILED"
+                    if code != 0:
+                        echo(f"[{name}{'' if task is None else f':{task}'}] FAILED (exit code {code}); "
+                             f"logs: {run.stage_dir(name) / 'local'}")
+                bad = [c for c in codes.values() if c != 0]
+                rec.exit_code = bad[0] if bad else 0
+                rec.attempts += 1
+            states = [rec.task_state.get(str(t), "COMPLETED" if marker_state(name, t) == "COMPLETED" else "PLANNED")
+                      for t in rec.task_indices]
+            reason = "" if runnable else f"upstream '{next(iter(blocked.values()))}' did not complete"
+            run.set_state(name, statesmod.aggregate(states), ended=time.time(), reason=reason)
+            failed = {t for t in rec.task_indices if rec.task_state.get(str(t)) in statesmod.FAILED}
+            if failed:
+                not_done[name] = failed
+        return not_done
+
+    def run_stage(self, run: Any, name: str, echo: Callable[[str], None],
+                  gpus_note: Callable[[int], None] = lambda n: None,
+                  tasks: Optional[Sequence[Optional[int]]] = None) -> Dict[Optional[int], int]:
+        """Run tasks of one stage here, each with the stage's ranks; their exit codes."""
+        rec = run.stage(name)
+        world = rec.world_size
+        if world > 1:
+            gpus_note(world)
+        threads = max(1, (os.cpu_count() or 1) // max(1, world))
+        codes: Dict[Optional[int], int] = {}
+        for task in (rec.task_indices if tasks is None else tasks):
+            tag = f"[{name}] " if task is None else f"[{name}:{task}] "
+            codes[task] = self.run_task(run.dir, name, task, world, rec.ranks_per_node,
+                                        echo=lambda line, t=tag: echo(t + line), threads_per_rank=threads)
+        return codes
 
     def run_task(
         self,

@@ -9,15 +9,20 @@ same script (submitit would otherwise build a new executor with its own script f
 
 from __future__ import annotations
 
+import pickle
 import time
 import uuid
 from pathlib import Path
-from typing import Any, List
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import submitit
 from submitit.core import utils as submitit_utils
 
+from .. import render as rendermod
 from ..errors import SubmitError
+from ..fsutil import atomic_write_text
+from ..record import JobRecord, array_directive, task_chunks
+from ..spec import parse_time
 
 
 class RateLimiter:
@@ -54,8 +59,10 @@ class RenderedScriptExecutor(submitit.SlurmExecutor):
     def _num_tasks(self) -> int:
         return self._tasks
 
-    def submit_array(self, fns: List[Any]) -> List[submitit.Job]:  # type: ignore[override]
-        """One sbatch for the whole array; task ``a`` loads ``<jobid>_<a>_submitted.pkl``."""
+    def submit_array(self, fns: List[Any], indices: Optional[List[int]] = None) -> List[submitit.Job]:  # type: ignore[override]
+        """One sbatch for the whole array; the task at Slurm index ``a`` loads
+        ``<jobid>_<a>_submitted.pkl`` (``indices``: the index of each of ``fns``, default 0..n-1)."""
+        indices = list(range(len(fns))) if indices is None else list(indices)
         folder = submitit_utils.JobPaths.get_first_id_independent_folder(self.folder)
         folder.mkdir(parents=True, exist_ok=True)
         pickles = []
@@ -68,10 +75,44 @@ class RenderedScriptExecutor(submitit.SlurmExecutor):
         self._throttle()
         first = self._submit_command(self._submitit_command_str)
         jobs = [submitit.SlurmJob(folder=self.folder, job_id=f"{first.job_id}_{a}", tasks=list(range(self._tasks)))
-                for a in range(len(fns))]
+                for a in indices]
         for job, path in zip(jobs, pickles):
             job.paths.move_temporary_file(path, "submitted_pickle")
         return jobs
+
+
+def dependencies_for(run: Any, rec: Any, part: Optional[Tuple[int, List[int]]],
+                     submitted: Dict[str, List[Optional[int]]],
+                     active: Dict[str, List[str]]) -> List[rendermod.Dependency]:
+    """Slurm dependencies of one job of ``rec``: aftercorr on a per-task parent array submitted
+    with the same tasks and indices in this call, afterok on every other parent job being
+    (re)submitted now (``submitted``) or still queued or running (``active``)."""
+    whole: List[str] = []
+    corr: List[str] = []
+    per_task = set(rec.per_task_parents())
+    for parent in rec.depends_on:
+        p = run.stage(parent)
+        if p.where != "batch":
+            continue
+        if parent in submitted:
+            if parent in per_task and rec.array and p.array and part is not None:
+                same = [j for j in p.jobs if j.tasks == part[1] and j.offset == part[0]]
+                if same:
+                    corr.append(same[0].job_id)
+                    continue
+                rerun = set(submitted[parent])
+                ids = {p.job_for_task(t).job_id for t in part[1] if t in rerun and p.job_for_task(t)}
+                whole.extend(sorted(ids))  # the parent reran other tasks: wait for those holding ours
+            else:
+                whole.extend(p.job_ids())
+        elif parent in active:
+            whole.extend(active[parent])
+    deps = []
+    if whole:
+        deps.append(rendermod.Dependency("afterok", whole))
+    if corr:
+        deps.append(rendermod.Dependency("aftercorr", corr))
+    return deps
 
 
 class SlurmBackend:
@@ -83,16 +124,85 @@ class SlurmBackend:
     def configure(self, submit_rate: float) -> None:
         self.limiter = RateLimiter(submit_rate)
 
+    # -- the backend interface -------------------------------------------------------------------
+    def start(self, run: Any, selection: Dict[str, List[Optional[int]]], echo: Callable[[str], None],
+              active: Optional[Dict[str, List[str]]] = None) -> Dict[str, set]:
+        """Submit the selected stage tasks (in order): an array stage submits only the selected
+        tasks (``--array=1,5``), at their own indices; each job depends on its parents. Returns
+        nothing not done: the jobs run on their own."""
+        self.configure(float(run.record.get("submit_rate") or 0))
+        max_array = int(run.record.get("max_array_size") or 1001)
+        submitted: Dict[str, List[Optional[int]]] = {}
+        for name, tasks in selection.items():
+            rec = run.stage(name)
+            if rec.where != "batch":
+                continue
+            with open(run.stage_dir(name) / "runner.pkl", "rb") as fh:
+                runner = pickle.load(fh)
+            template = rec.job_templates[0]
+            throttle = str(template.get("array") or "").partition("%")[2]
+            parts: List[Optional[Tuple[int, List[int]]]] = (
+                list(task_chunks([t for t in tasks if t is not None], max_array)) if rec.array else [None])
+            jobs: List[JobRecord] = []
+            for i, part in enumerate(parts):
+                deps = dependencies_for(run, rec, part, submitted, active or {})
+                array = array_directive(part[1], part[0], int(throttle) if throttle else None) if part else None
+                directives = [tuple(d) for d in template["directives"]
+                              if d[0] not in ("dependency", "kill-on-invalid-dep", "array")]
+                if array:
+                    directives.append(("array", array))
+                if deps:
+                    directives += [("dependency", ",".join(d.render() for d in deps)), ("kill-on-invalid-dep", "yes")]
+                script = str(run.stage_dir(name) / ("job.sbatch" if i == 0 else f"job.chunk{i}.sbatch"))
+                job = rendermod.JobScript(**{**template, "directives": directives, "dependencies": deps,
+                                             "array": array, "script_path": script})
+                text = rendermod.render(job)
+                atomic_write_text(script, text, mode=0o700, fsync=False)  # rebuilt from run.json
+                folder = rendermod.submitit_folder(run.stage_dir(name))
+                timeout_min = max(1, int(parse_time(rec.time_limit) // 60))
+                try:
+                    if part is not None:
+                        runners = [runner.for_task(t) for t in part[1]]
+                        job_id = self.submit(folder, text, runners, rec.world_size, timeout_min,
+                                             array=[t - part[0] for t in part[1]])
+                        jobs.append(JobRecord(job_id, script=script, array=array, tasks=list(part[1]), offset=part[0]))
+                    else:
+                        job_id = self.submit(folder, text, [runner], rec.world_size, timeout_min, array=None)
+                        jobs.append(JobRecord(job_id, script=script))
+                except SubmitError as exc:
+                    _submit_failed(run, name, jobs, exc)
+            rec.record_submission(jobs, time.time())
+            rec.reason = ""
+            submitted[name] = list(tasks)
+            run.save(durable=False)  # the job ids are on disk before the next submission
+        run.save()
+        from .. import poller
+
+        poller.invalidate()  # status asks the scheduler again soon, whoever asks
+        return {}
+
     def submit(self, folder: Path, script: str, runners: List[Any], num_tasks: int, timeout_min: int,
-               array: bool) -> str:
-        """Submit one job (or one array chunk); return its Slurm job id."""
+               array: Optional[List[int]]) -> str:
+        """Submit one job, or one array job whose Slurm indices are ``array`` (one per runner);
+        return its Slurm job id."""
         executor = RenderedScriptExecutor(folder, script, self.limiter, num_tasks, timeout_min)
         try:
-            if array:
-                jobs = executor.submit_array(runners)
+            if array is not None:
+                jobs = executor.submit_array(runners, array)
                 return jobs[0].job_id.split("_")[0]
             job = executor.submit(runners[0])
         except submitit_utils.FailedJobError as exc:  # sbatch exited non-zero: its stderr is the message
             lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
             raise SubmitError(lines[-1] if lines else "sbatch failed without a message") from exc
         return str(job.job_id)
+
+
+def _submit_failed(run: Any, name: str, jobs: List[JobRecord], exc: Exception) -> None:
+    """sbatch refused ``name``: keep what was submitted on disk, then one line saying what to do."""
+    submitted = [n for n in run.order if n != name and run.stage(n).state == "SUBMITTED"]
+    if jobs:  # an array split in chunks: the chunks already queued belong to the ledger too
+        run.stage(name).record_submission(jobs, time.time())
+    run.save()
+    kept = f"stages already queued keep running ({', '.join(submitted)}); " if submitted else "nothing was queued; "
+    raise SubmitError(f"sbatch refused stage '{name}': {exc}. {kept}fix the cause, then "
+                      f"`python launch.py resume {run.id}` submits the rest") from exc

@@ -61,8 +61,12 @@ class Layout:
         return self.conf_dir / "slurmdbd.conf"
 
     @property
+    def oci_conf(self) -> Path:  # Slurm's OCI containers (--container=BUNDLE); read by slurmstepd per step
+        return self.conf_dir / "oci.conf"
+
+    @property
     def conf_files(self) -> tuple[Path, ...]:
-        return (self.slurm_conf, self.gres_conf, self.slurmdbd_conf)
+        return (self.slurm_conf, self.gres_conf, self.slurmdbd_conf, self.oci_conf)
 
     # -- state ------------------------------------------------------------------------------------
     @property
@@ -100,6 +104,18 @@ class Layout:
     @property
     def db_password_file(self) -> Path:
         return self.state_dir / "db-password"
+
+    @property
+    def oci_bundle(self) -> Path:  # an OCI bundle built from this host's files (no registry needed)
+        return self.state_dir / "oci-bundle"
+
+    @property
+    def oci_task_wrapper(self) -> Path:  # RunTimeRun: each task's own environment (Slurm 22.05)
+        return self.state_dir / "oci-task-env.py"
+
+    @property
+    def runc_root(self) -> Path:  # runc's state of the running containers
+        return self.state_dir / "runc"
 
     def slurmctld_state(self) -> Path:
         return self.spool_dir / "slurmctld"
@@ -212,3 +228,87 @@ StorageUser={DB_USER}
 StoragePass={db_password}
 StorageLoc={DB_NAME}
 """
+
+
+def render_oci_conf(layout: Layout, python: str) -> str:
+    runc = f"runc --root={layout.runc_root}"
+    cid = "%n.%u.%j.%s.%t"  # node, user, job, step, task: unique per task
+    return f"""{MARKER}
+# Slurm's own OCI containers: `srun --container=BUNDLE` runs each task with runc (crun stops at this
+# machine's hybrid cgroups). slurmstepd reads this file at every step: no daemon restart needed.
+# Slurm 22.05 gives every task of a step the environment of the step's first task (SLURM_PROCID=0,
+# the first node's SLURMD_NODENAME on every node): {layout.oci_task_wrapper.name} gives each task its own.
+RunTimeQuery="{runc} state {cid}"
+RunTimeKill="{runc} kill -a {cid}"
+RunTimeDelete="{runc} delete --force {cid}"
+# `exec`: Slurm runs this line with /bin/sh -c; the signals Slurm sends the task (USR2 before the
+# time limit, scancel --signal) must reach runc, which forwards them into the container
+RunTimeRun="exec {python} {layout.oci_task_wrapper} %b %n %t {runc} run {cid}"
+"""
+
+
+OCI_TASK_WRAPPER = MARKER + '''
+"""RunTimeRun of the dev cluster's oci.conf: BUNDLE NODE LOCAL_TASK RUNTIME... -> RUNTIME... -b TASK_BUNDLE.
+
+Slurm 22.05 writes one config.json per step and node, with the environment of the step's first
+task in it. This copies it to BUNDLE/task-LOCAL_TASK/ with the task's own SLURM_PROCID,
+SLURM_LOCALID, SLURM_NODEID and SLURMD_NODENAME (block distribution, as srun lays tasks out by
+default), then runs the runtime on that copy. Standard library only.
+"""
+import json, os, re, subprocess, sys
+
+bundle, node, local, runtime = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+with open(os.path.join(bundle, "config.json")) as fh:
+    config = json.load(fh)
+env = dict(e.split("=", 1) for e in config["process"]["env"] if "=" in e)
+nodes = subprocess.run(["scontrol", "show", "hostnames", env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]],
+                       capture_output=True, text=True, check=True).stdout.split()
+per_node = []
+for part in (env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1").split(","):
+    m = re.fullmatch(r"(\\d+)(?:\\(x(\\d+)\\))?", part)
+    per_node += [int(m.group(1))] * int(m.group(2) or 1)
+node_id = nodes.index(node)
+env.update(SLURM_PROCID=str(sum(per_node[:node_id]) + local), SLURM_LOCALID=str(local),
+           SLURM_NODEID=str(node_id), SLURMD_NODENAME=node)
+config["process"]["env"] = [f"{k}={v}" for k, v in env.items()]
+root = config.setdefault("root", {})
+root["path"] = os.path.join(bundle, root.get("path") or "rootfs") if not os.path.isabs(root.get("path") or "") else root["path"]
+task_bundle = os.path.join(bundle, f"task-{local}")
+os.makedirs(task_bundle, exist_ok=True)
+with open(os.path.join(task_bundle, "config.json"), "w") as fh:
+    json.dump(config, fh)
+os.execvp(runtime[0], runtime + ["-b", task_bundle])
+'''
+
+
+def oci_bundle_binds(python_prefixes: tuple[str, ...]) -> list[tuple[str, bool]]:
+    """Host paths the dev cluster's bundle binds (path, read-only): the host's system, /tmp (the
+    tests' shared storage), munge's socket (scontrol inside), the Python environment that ran `up`."""
+    binds = [("/usr", True), ("/etc", True), ("/tmp", False), ("/run/munge", False), ("/dev", False),
+             ("/sys", True)]
+    for prefix in python_prefixes:
+        if prefix and not any(prefix == p or prefix.startswith(p + "/") for p, _ in binds):
+            binds.append((prefix, True))
+    return binds
+
+
+def render_oci_bundle_config(binds: list[tuple[str, bool]]) -> str:
+    """config.json of the dev cluster's OCI bundle: a rootfs of bind mounts (nothing copied), the
+    host's network and process namespaces (DDP rendezvous, signals), a mount namespace only."""
+    import json
+
+    mounts = [{"destination": "/proc", "type": "proc", "source": "proc"}]
+    for path, ro in binds:
+        mounts.append({"destination": path, "type": "bind", "source": path,
+                       "options": ["rbind", "ro"] if ro else ["rbind"]})
+    config = {
+        "ociVersion": "1.0.2",
+        "process": {"terminal": False, "user": {"uid": 0, "gid": 0}, "args": ["/bin/sh"],
+                    "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                    "cwd": "/", "noNewPrivileges": False},
+        "root": {"path": "rootfs", "readonly": True},
+        "mounts": mounts,
+        "linux": {"namespaces": [{"type": "mount"}]},
+        "annotations": {"org.opencontainers.image.title": "hpc_jobs.devcluster bundle", "written-by": MARKER},
+    }
+    return json.dumps(config, indent=1) + "\n"

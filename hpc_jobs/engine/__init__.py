@@ -14,9 +14,9 @@ from hpc_jobs.engine.task import TrainTask
 
 _LAZY = {
     "Trainer": "hpc_jobs.engine.trainer",
-    "Interrupted": "hpc_jobs.engine.trainer",
-    "Requeued": "hpc_jobs.engine.trainer",
-    "Terminated": "hpc_jobs.engine.trainer",
+    "Interrupted": "hpc_jobs.interrupts",
+    "Requeued": "hpc_jobs.interrupts",
+    "Terminated": "hpc_jobs.interrupts",
     "unwrap": "hpc_jobs.engine.distributed",
     "all_gather_tensor": "hpc_jobs.engine.distributed",
     "load_init_weights": "hpc_jobs.engine.weights",

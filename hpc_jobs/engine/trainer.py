@@ -47,35 +47,10 @@ from hpc_jobs.engine.signals import REQUEUE, StopFlag
 from hpc_jobs.engine.strategy import autocast, make_strategy
 from hpc_jobs.engine.weights import load_init_weights
 from hpc_jobs.environment import RunEnv
+from hpc_jobs.interrupts import Interrupted, Requeued, Terminated  # noqa: F401  (re-exported)
 
 STATE_FORMAT = 1
 REQUIRED_TASK_METHODS = ("build_model", "train_dataset", "training_step")
-
-
-class Interrupted(Exception):
-    """Training stopped at a step boundary after writing ``checkpoint``."""
-
-    exit_code = 1
-
-    def __init__(self, message: str, *, step: int, epoch: int, checkpoint: Path, signal: int,
-                 requeued: bool = False, cause: str | None = None) -> None:
-        super().__init__(message)
-        self.step, self.epoch, self.checkpoint = step, epoch, checkpoint
-        self.signal, self.requeued = signal, requeued
-        self.cause = cause  # PREEMPTED / TIMEOUT / REQUEUED (RunEnv.stop_cause), None if unknown
-
-
-class Requeued(Interrupted):
-    """The requeue signal arrived: checkpoint written; ``requeued`` says whether ``scontrol
-    requeue`` succeeded (always False outside Slurm: the caller restarts the run itself)."""
-
-    exit_code = 75  # EX_TEMPFAIL: "try again"
-
-
-class Terminated(Interrupted):
-    """SIGTERM arrived (cancel, time limit, preemption): checkpoint written, no requeue asked."""
-
-    exit_code = 143  # 128 + SIGTERM
 
 
 @dataclass

@@ -118,3 +118,26 @@ def test_sbatch_refusing_a_resume_is_one_line_and_a_later_resume_recovers(slurm_
         assert states_of(states) == {s: "COMPLETED" for s in states}, states
     finally:
         subprocess.run(["scontrol", "delete", f"PartitionName={part}"], capture_output=True)
+
+
+def test_preflight_checks_gpus_per_node_against_the_partitions_real_nodes(slurm_cluster, home):
+    """A profile that claims 8 GPUs per node in `batch` does not fool preflight where Slurm answers:
+    the nodes really have 2 (sinfo), so asking 4 is refused before anything is submitted."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.pipeline_helpers import REPO
+
+    profiles = home / "config" / "hpc_jobs" / "profiles"
+    profiles.mkdir(parents=True)
+    data = yaml.safe_load((REPO / "templates" / "profiles" / "devcluster.yaml").read_text())
+    data.update(partitions_from_scheduler=False, partitions={"batch": {"max_time": "1-00:00:00", "gpus_per_node": 8}})
+    (profiles / "claims8.yaml").write_text(yaml.safe_dump(data))
+    env = dict(os.environ, HPC_JOBS_HOME=str(home), XDG_CONFIG_HOME=str(home / "config"))
+    proc = subprocess.run([sys.executable, "launch.py", "isc", "--cluster", "claims8", "--gpus", "4", "--dry-run"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "partition 'batch' nodes have 2" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr

@@ -33,10 +33,23 @@ def _gpu_stage(gpus=2, nodes=1):
                                                           mem="32GB", time="02:00:00"))
 
 
+def _container_stage(runtime, image, nodes=1, gpus=2):
+    from hpc_jobs.container import Container
+
+    return Stage("train", demo.train, resources=Resources(nodes=nodes, gpus_per_node=gpus, cpus_per_task=8, mem="32GB",
+                                                          time="02:00:00"),
+                 container=Container(runtime=runtime, image=image, binds=["/project/ttrojan_123:/project:ro"],
+                                     env={"HF_HOME": "/scratch1/ttrojan/hf"}))
+
+
 CASES = {
     "discovery_train": ("discovery", lambda: _gpu_stage(), dict(account="ttrojan_123", dependencies=[Dependency("afterok", ["101"])])),
     "discovery_shard_array": ("discovery", lambda: Stage("shard", demo.shard, array=3, array_parallelism=2), dict(account="ttrojan_123", array="0-2%2")),
     "devcluster_train_2nodes": ("devcluster", lambda: _gpu_stage(2, 2), dict(dependencies=[Dependency("afterok", ["7", "8"]), Dependency("aftercorr", ["9"])])),
+    # containers: the image paths are the cluster's, not this machine's (the image check is off below)
+    "discovery_apptainer_train": ("discovery", lambda: _container_stage("apptainer", "/scratch1/ttrojan/images/sensorium.sif"), dict(account="ttrojan_123")),
+    "generic_pyxis_train_2nodes": ("generic", lambda: _container_stage("pyxis", "nvcr.io#nvidia/pytorch:24.01-py3", nodes=2, gpus=4), {}),
+    "devcluster_oci_train_2nodes": ("devcluster", lambda: _container_stage("oci", "/var/lib/hpc_jobs_devcluster/oci-bundle", nodes=2, gpus=1), {}),
     "generic_cpu": ("generic", lambda: Stage("prepare", demo.fetch, resources=Resources(cpus_per_task=8, mem="32G", time="12:00:00")), {}),
 }
 
@@ -45,6 +58,7 @@ CASES = {
 def test_golden_scripts(case, monkeypatch):
     monkeypatch.setenv("USER", "ttrojan")
     monkeypatch.setenv("HPC_JOBS_HOME", "/home/ttrojan/hpc_jobs")
+    monkeypatch.setattr(render.shutil, "which", lambda name: None)  # a dry run away from the cluster
     profile, make_stage, kw = CASES[case]
     text = _render(profile, make_stage(), **kw)
     golden = GOLDEN / f"{case}.sbatch"

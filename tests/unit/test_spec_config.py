@@ -9,7 +9,7 @@ import pytest
 
 from hpc_jobs import config as cfgmod
 from hpc_jobs.errors import ConfigError, UserError
-from hpc_jobs.launch import chunks
+from hpc_jobs.record import array_directive, task_chunks
 from hpc_jobs.spec import Input, Pipeline, Resources, Stage, format_time, parse_mem_mb, parse_time
 from launchers import demo
 
@@ -42,9 +42,11 @@ def test_unknown_parent_and_output_are_reported():
         Pipeline("t", [S("a", outputs={"x": "x"}), S("b", inputs={"m": Input("a", "model")})])
 
 
-def test_launch_time_stage_cannot_follow_a_batch_stage():
-    with pytest.raises(UserError, match="launch-time stages may only depend"):
-        Pipeline("t", [S("a"), S("b", where="login", after=["a"])])
+def test_in_process_stage_cannot_follow_a_batch_stage_but_a_login_step_can():
+    with pytest.raises(UserError, match="runs inside the launching process"):
+        Pipeline("t", [S("a"), S("b", where="process", after=["a"])])
+    pipeline = Pipeline("t", [S("a"), S("b", where="login", after=["a"]), S("c", after=["b"])])
+    assert pipeline.order == ["a", "b", "c"] and pipeline.ancestors("c") == ["a", "b"]
 
 
 def test_per_task_inputs_need_matching_arrays():
@@ -88,10 +90,14 @@ def test_resources_defaults():
 
 
 def test_array_chunks_respect_max_array_size():
-    assert [list(c) for c in chunks(5, 1001)] == [[0, 1, 2, 3, 4]]
-    parts = chunks(2500, 1001)
-    assert [len(c) for c in parts] == [1000, 1000, 500]
-    assert parts[1][0] == 1000
+    assert task_chunks(range(5), 1001) == [(0, [0, 1, 2, 3, 4])]
+    parts = task_chunks(range(2500), 1001)
+    assert [len(t) for _, t in parts] == [1000, 1000, 500]
+    assert [o for o, _ in parts] == [0, 1000, 2000]
+    # a resubmitted subset keeps its own indices (array=1,5), so aftercorr edges line up
+    assert task_chunks([5, 1], 1001) == [(0, [1, 5])]
+    assert array_directive([1, 5], 0, 2) == "1,5%2"
+    assert task_chunks([3, 1500], 1001) == [(3, [3]), (1500, [1500])]
 
 
 @dataclass
@@ -122,6 +128,9 @@ def test_overrides_are_typed():
     ("data.allow_missing", "maybe", "not a bool"),
     ("optimizer", "Lion", "one of 'Adam', 'AdamW'"),
     ("topology", "a,b", "not an int"),
+    ("topology", "[1,2", "brackets do not balance"),
+    ("topology", "{a: [", "brackets do not balance"),
+    ("topology", ": :", "not an int"),
 ])
 def test_ill_typed_values_are_refused(key, value, match):
     with pytest.raises(ConfigError, match=match):
@@ -141,6 +150,15 @@ def test_parse_assignment():
     assert cfgmod.parse_assignment("flag=true") == ("flag", True)
     with pytest.raises(ConfigError):
         cfgmod.parse_assignment("epochs")
+
+
+def test_malformed_set_values_are_one_line_and_exit_2(tmp_path):
+    from tests.pipeline_helpers import cli
+
+    for value in ("topology=[1,2", "topology={a: [", "topology=: :", "seed=[", "epochs='x"):
+        proc = cli(tmp_path, "diving", "--cluster", "local", "--dry-run", "--set", value, check=False)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, (value, proc.stderr)
+        assert "Traceback" not in proc.stderr
 
 
 def test_config_round_trip():

@@ -16,6 +16,7 @@ import pytest
 
 from hpc_jobs import cli
 from hpc_jobs.ledger import Run
+from hpc_jobs.record import JobRecord, StageRecord
 from hpc_jobs.status import last_metric, log_attempts, parse_heartbeat, read_progress, stage_states
 from tests.pipeline_helpers import REPO, cli as run_cli, launch_json
 from tests.unit.test_poller import FakeSlurm
@@ -80,9 +81,21 @@ def _make_run(root: Path, backend: str = "local", name: str = "r1") -> Run:
         stages[stage] = {"name": stage, "where": "batch", "depends_on": order[n - 1:n], "array": None,
                          "state": "PLANNED", "jobs": [], "resources": {}, "inputs": {}, "outputs": {}}
         run.stage_dir(stage).mkdir(parents=True)
-    run.record.update(backend=backend, cluster=backend, order=order, stages=stages, created="2026-01-01T00:00:00")
+    run.stages = {name: StageRecord.from_dict(entry) for name, entry in stages.items()}
+    run.record.update(backend=backend, cluster=backend, order=order, created="2026-01-01T00:00:00")
     run.save()
     return run
+
+
+def _update(run: Run, stage: str, **fields) -> None:
+    rec = run.stage(stage)
+    for key, value in fields.items():
+        if key == "jobs":
+            rec.record_submission([JobRecord.from_dict(j) for j in value], time.time())
+            rec.state = fields.get("state", rec.state)
+            rec.history = fields.get("history", rec.history)
+        elif key != "history" or "jobs" not in fields:
+            setattr(rec, key, value)
 
 
 def _marker(run: Run, stage: str, **fields) -> None:
@@ -91,8 +104,8 @@ def _marker(run: Run, stage: str, **fields) -> None:
 
 def test_table_shows_bar_eta_and_metric(tmp_path):
     run = _make_run(tmp_path)
-    run.record["stages"]["prep"].update(state="COMPLETED", started=NOW - 100, ended=NOW - 90, exit_code=0)
-    run.record["stages"]["train"].update(state="RUNNING", started=NOW - 60)
+    _update(run, "prep", state="COMPLETED", started=NOW - 100, ended=NOW - 90, exit_code=0)
+    _update(run, "train", state="RUNNING", started=NOW - 60)
     run.save()
     _marker(run, "prep", state="COMPLETED", result={"frames": 10}, host="n1")
     (run.stage_dir("train") / "heartbeat.json").write_text(_hb(time=time.time() - 2))
@@ -110,8 +123,8 @@ def test_table_lists_interruptions_and_handoffs(tmp_path):
     """The attempt log (written by the runtime) reaches the table: each attempt that did not
     complete with its cause and step, oldest first; a completed attempt is not an interruption."""
     run = _make_run(tmp_path)
-    run.record["stages"]["train"].update(state="RUNNING", started=NOW)
-    run.record["stages"]["evaluate"]["inputs"] = {
+    _update(run, "train", state="RUNNING", started=NOW)
+    run.stage("evaluate").inputs = {
         "weights": {"stage": "train", "output": "checkpoint", "kind": "init", "per_task": False},
         "data": {"stage": "prep", "output": "frames", "kind": "data", "per_task": False}}
     run.save()
@@ -137,7 +150,7 @@ def test_table_lists_interruptions_and_handoffs(tmp_path):
 def test_table_flags_a_stale_heartbeat(tmp_path, monkeypatch):
     monkeypatch.setenv("HPC_JOBS_STALE_MIN", "5")
     run = _make_run(tmp_path)
-    run.record["stages"]["train"].update(state="RUNNING", started=NOW)
+    _update(run, "train", state="RUNNING", started=NOW)
     run.save()
     (run.stage_dir("train") / "heartbeat.json").write_text(_hb(time=time.time() - 1800))
     states = stage_states(run)
@@ -148,9 +161,9 @@ def test_table_flags_a_stale_heartbeat(tmp_path, monkeypatch):
 
 def test_failed_local_stage_shows_exit_code_log_tail_and_hint(tmp_path):
     run = _make_run(tmp_path)
-    run.record["stages"]["prep"].update(state="COMPLETED", exit_code=0)
-    run.record["stages"]["train"].update(state="FAILED", exit_code=1)
-    run.record["stages"]["evaluate"].update(state="CANCELLED", reason="upstream stage train did not complete")
+    _update(run, "prep", state="COMPLETED", exit_code=0)
+    _update(run, "train", state="FAILED", exit_code=1)
+    _update(run, "evaluate", state="CANCELLED", reason="upstream stage train did not complete")
     run.save()
     log = run.stage_dir("train") / "local" / "rank0.log"
     log.parent.mkdir()
@@ -182,7 +195,7 @@ def test_slurm_failure_shows_the_slurm_state_and_one_query_for_the_run(tmp_path,
                          "13": {"state": "CANCELLED"}})
     run = _make_run(tmp_path, backend="slurm")
     for stage, jid in (("prep", "11"), ("train", "12"), ("evaluate", "13")):
-        run.record["stages"][stage].update(state="SUBMITTED", jobs=[{"job_id": jid}])
+        _update(run, stage, state="SUBMITTED", jobs=[{"job_id": jid}])
     run.save()
     err = run.stage_dir("train") / "slurm" / "12_0_log.err"
     err.parent.mkdir()
@@ -203,7 +216,7 @@ def test_marker_newer_than_the_cache_triggers_an_urgent_refresh(tmp_path, fake_s
     monkeypatch.setenv("HPC_JOBS_POLL_MIN_S", "2")  # wide enough for a loaded machine
     fake_slurm.set(jobs={"21": {"state": "RUNNING"}})
     run = _make_run(tmp_path, backend="slurm")
-    run.record["stages"]["prep"].update(state="SUBMITTED", jobs=[{"job_id": "21"}])
+    _update(run, "prep", state="SUBMITTED", jobs=[{"job_id": "21"}])
     run.save()
     assert stage_states(run)["prep"].state == "RUNNING"
     stage_states(run)
@@ -217,7 +230,7 @@ def test_marker_newer_than_the_cache_triggers_an_urgent_refresh(tmp_path, fake_s
 
 def test_log_attempts_split_a_requeued_jobs_file(tmp_path, monkeypatch):
     run = _make_run(tmp_path, backend="slurm")
-    run.record["stages"]["train"].update(jobs=[{"job_id": "31"}], history=[{"job_ids": ["30"]}, {"job_ids": ["31"]}])
+    _update(run, "train", jobs=[{"job_id": "31"}], history=[{"job_ids": ["30"]}, {"job_ids": ["31"]}])
     run.save()
     folder = run.stage_dir("train") / "slurm"
     folder.mkdir()
@@ -237,7 +250,7 @@ def test_log_attempts_split_a_requeued_jobs_file(tmp_path, monkeypatch):
     out = _capture(["logs", str(run.dir), "train"])
     assert "3 attempts" in out and "signal USR2" in out and "done" in out
     # submitit's start lines in the .out file only (its logger writes to stdout there)
-    run.record["stages"]["evaluate"].update(jobs=[{"job_id": "40"}], history=[{"job_ids": ["40"]}])
+    _update(run, "evaluate", jobs=[{"job_id": "40"}], history=[{"job_ids": ["40"]}])
     run.save()
     folder = run.stage_dir("evaluate") / "slurm"
     folder.mkdir()
@@ -261,14 +274,14 @@ def _capture(argv) -> str:
 def test_watch_returns_when_the_run_ends(tmp_path, capsys):
     run = _make_run(tmp_path)
     for stage in ("prep", "train"):
-        run.record["stages"][stage].update(state="COMPLETED", exit_code=0)
-    run.record["stages"]["evaluate"].update(state="RUNNING", started=time.time())
+        _update(run, stage, state="COMPLETED", exit_code=0)
+    _update(run, "evaluate", state="RUNNING", started=time.time())
     run.save()
 
     def finish():
         time.sleep(1.0)
         r = Run(run.dir)
-        r.record["stages"]["evaluate"].update(state="COMPLETED", ended=time.time(), exit_code=0)
+        _update(r, "evaluate", state="COMPLETED", ended=time.time(), exit_code=0)
         r.save()
 
     threading.Thread(target=finish, daemon=True).start()
@@ -281,9 +294,9 @@ def test_watch_returns_when_the_run_ends(tmp_path, capsys):
 
 def test_watch_exit_code_is_1_when_a_stage_failed(tmp_path):
     run = _make_run(tmp_path)
-    run.record["stages"]["prep"].update(state="FAILED", exit_code=1)
+    _update(run, "prep", state="FAILED", exit_code=1)
     for stage in ("train", "evaluate"):
-        run.record["stages"][stage].update(state="CANCELLED")
+        _update(run, stage, state="CANCELLED")
     run.save()
     assert cli.watch(Run(run.dir), interval=0.1, max_s=10) == 1
 
@@ -291,7 +304,7 @@ def test_watch_exit_code_is_1_when_a_stage_failed(tmp_path):
 def test_report_links_losses_png_and_lists_final_metrics(tmp_path, monkeypatch):
     run = _make_run(tmp_path)
     for stage in ("prep", "train", "evaluate"):
-        run.record["stages"][stage].update(state="COMPLETED", exit_code=0, started=NOW, ended=NOW + 5)
+        _update(run, stage, state="COMPLETED", exit_code=0, started=NOW, ended=NOW + 5)
     run.save()
     (run.stage_dir("train") / "losses.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     (run.stage_dir("train") / "tb").mkdir()
@@ -308,7 +321,8 @@ def test_report_links_losses_png_and_lists_final_metrics(tmp_path, monkeypatch):
     assert "| train | COMPLETED |" in text and "0:01:40" in text
     assert "tensorboard --logdir stages/train/tb" in text
     html = _capture(["report", str(run.dir), "--format", "html"])
-    assert 'src="stages/train/losses.png"' in Path(html.strip()).read_text()
+    page = Path(html.strip()).read_text()  # self-contained: the picture is embedded, not linked
+    assert "src='data:image/png;base64,iVBORw0KGgo=" in page and "stages/train/losses.png" not in page
 
 
 # -- the commands on the local backend (the demo runs in seconds) --------------------------------
@@ -347,9 +361,16 @@ def test_debug_locally_without_a_terminal_runs_the_stage_and_records_a_debug_run
     assert json.loads((run_dir / "run.json").read_text())["debug"] is True
 
 
-def test_debug_refuses_a_stage_with_inputs_and_no_source_run(local_demo):
-    proc = run_cli(local_demo, "debug", "demo", "--stage", "train", "--cluster", "local", check=False)
-    assert proc.returncode == 2 and "--from-run" in proc.stderr
+def test_debug_without_from_run_takes_the_newest_run_whose_inputs_completed(local_demo, tmp_path):
+    proc = run_cli(local_demo, "debug", "demo", "--stage", "train", "--cluster", "local", "--run-name", "dbg-auto",
+                   check=False, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "the inputs of stage train come from run src" in proc.stdout
+    data = json.loads(run_cli(local_demo, "status", "dbg-auto", "--json").stdout)
+    assert {s["name"]: s["state"] for s in data["stages"]}["train"] == "COMPLETED"
+    # no earlier run at all: one line that says what to do
+    proc = run_cli(tmp_path, "debug", "demo", "--stage", "train", "--cluster", "local", check=False)
+    assert proc.returncode == 2 and "no earlier run of 'demo' completed them" in proc.stderr and "--from-run" in proc.stderr
     proc = run_cli(local_demo, "debug", "demo", "--stage", "nope", "--cluster", "local", check=False)
     assert proc.returncode == 2 and "no stage 'nope'" in proc.stderr
 
@@ -370,3 +391,25 @@ def test_debug_break_stops_in_pdb_through_a_pty(local_demo):
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_status_fits_80_columns_without_breaking_a_word(tmp_path):
+    run = _make_run(tmp_path)
+    _update(run, "prep", state="COMPLETED", started=NOW - 100, ended=NOW - 90, exit_code=0)
+    _update(run, "train", state="RUNNING", started=NOW - 60)
+    run.save()
+    _marker(run, "prep", state="COMPLETED", host="n1",
+            result={"frames": 10, "clips": 1234, "note": "a long result that will not fit in the narrow table at all"})
+    (run.stage_dir("train") / "heartbeat.json").write_text(_hb(time=time.time() - 2))
+    states = stage_states(run)
+    wide = cli.status_text(run, states, width=160)
+    assert "node" in wide and ("█" in wide or "#" in wide)
+    narrow = cli.status_text(run, states, width=80)
+    lines = narrow.splitlines()
+    assert max(len(line) for line in lines) <= 80, narrow
+    assert "node" not in lines[2]  # the node column goes first
+    rows = {line.split()[0]: line for line in lines if line.strip() and line.split()[0] in ("prep", "train", "evaluate")}
+    assert rows["train"].split()[1] == "RUNNING" and "25% ETA" in rows["train"]
+    assert rows["prep"].split()[1] == "COMPLETED" and rows["prep"].rstrip().endswith("…")
+    for word in rows["prep"].split()[3:-1]:  # every note word shown whole (the last one ends in the ellipsis)
+        assert word in wide, word
