@@ -422,7 +422,7 @@ class IscTask:
     cross-batch memory bank (saved in checkpoints, restored on resume)."""
 
     def __init__(self, cfg: IscConfig, stage: str, layout, world_size: int = 1) -> None:
-        from models.isc import CrossBatchMemory
+        from models.memory_bank import CrossBatchMemory
 
         self.cfg, self.stage, self.layout = cfg, stage, layout
         self.opts: StageTrain = getattr(cfg, stage)
@@ -439,14 +439,14 @@ class IscTask:
     def build_optimizer(self, model):
         import torch
 
-        from models.isc import optimizer_groups
+        from models.param_groups import optimizer_groups
 
         return torch.optim.SGD(optimizer_groups(model, self.opts.wd), lr=self.opts.lr, momentum=self.cfg.train.momentum)
 
     def build_scheduler(self, optimizer, steps_per_epoch: int, epochs: int):
         import torch
 
-        from models.isc import EpochLinearDecay
+        from models.lr_schedules import EpochLinearDecay
 
         if self.opts.lr_schedule == "constant":
             return None
@@ -455,7 +455,7 @@ class IscTask:
     def train_dataset(self):
         from data.isc import datasets
         from data.isc.layout import list_images
-        from models.isc import backbone_norm
+        from models.timm_backbone import backbone_norm
 
         mean, std = backbone_norm(self.cfg.train.arch)
         size = self.opts.input_size
@@ -471,7 +471,7 @@ class IscTask:
                                    negative_paths=negatives, extra_negatives=self.opts.extra_negatives)
 
     def training_step(self, model, batch):
-        from models.isc import gather_with_grad
+        from models.gather import gather_with_grad
 
         images, labels = batch
         embeddings = model(images.flatten(0, 1))
@@ -502,7 +502,7 @@ def extract(ctx) -> Dict[str, Any]:
     from hpc_jobs.engine import load_init_weights
     from hpc_jobs.engine.config import resolve_precision
     from hpc_jobs.engine.strategy import autocast
-    from models.isc import backbone_norm
+    from models.timm_backbone import backbone_norm
 
     cfg, env = ctx.config, ctx.env
     if cfg.train.num_threads:

@@ -20,6 +20,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from data.retrieval.micro_ap import micro_average_precision, precision_recall
+
 Prediction = Tuple[str, str, float]
 
 
@@ -38,17 +40,6 @@ def _labels(predictions: Sequence[Prediction], positives: set) -> Tuple[np.ndarr
     return scores, truth
 
 
-def precision_recall(scores: np.ndarray, truth: np.ndarray, num_positives: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Precision and recall at every cut-off of the ranking (score descending, false before true
-    among ties), and the score at each cut-off."""
-    order = np.lexsort((truth, -scores))  # last key first: score descending, then False < True
-    truth, scores = truth[order], scores[order]
-    hits = np.cumsum(truth)
-    precisions = hits / np.arange(1, len(truth) + 1)
-    recalls = hits / num_positives
-    return precisions, recalls, scores
-
-
 def evaluate(predictions: Sequence[Prediction], ground_truth: Iterable[Tuple[str, Optional[str]]]) -> Dict[str, object]:
     """uAP, recall at precision 0.9 and recall at rank 1/10 of ``predictions`` against
     ``ground_truth`` rows ``(query_id, reference_id or None)``."""
@@ -58,9 +49,8 @@ def evaluate(predictions: Sequence[Prediction], ground_truth: Iterable[Tuple[str
         raise ValueError("the ground truth lists no query with a reference: nothing to find")
     scores, truth = _labels(predictions, positives)
     if scores.size:
+        uap = micro_average_precision(scores, truth, len(positives), ties="worst")
         precisions, recalls, thresholds = precision_recall(scores, truth, len(positives))
-        previous = np.concatenate([[0.0], recalls[:-1]])
-        uap = float(np.sum((recalls - previous) * precisions))
         reach = precisions >= 0.9
         if np.any(reach):
             best = int(np.argmax(np.where(reach, recalls, -1.0)))

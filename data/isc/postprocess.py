@@ -8,8 +8,8 @@
 3. **exact kNN**: the ``k`` nearest references of each query by L2 distance; the score is the
    negated squared distance (higher is more similar).
 
-faiss does the searches: flat (exact) indexes, moved to every GPU when faiss sees one
-(``faiss.get_num_gpus() > 0``, the faiss-gpu build), on the CPU otherwise; the code is the same.
+The steps themselves are shared with the other metric-learning workflows (``data/retrieval/``:
+faiss kNN, DBA, NES); this module chains them as the ISC seed did and writes its rows.
 """
 
 from __future__ import annotations
@@ -18,52 +18,9 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-
-def normalize(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-
-def flat_index(dim: int, metric: str):
-    """An exact faiss index (``"ip"`` inner product or ``"l2"``), on all GPUs when there are any."""
-    import faiss
-
-    index = faiss.IndexFlatIP(dim) if metric == "ip" else faiss.IndexFlatL2(dim)
-    if faiss.get_num_gpus() > 0:
-        index = faiss.index_cpu_to_all_gpus(index)
-    return index
-
-
-def knn(database: np.ndarray, queries: np.ndarray, k: int, metric: str) -> Tuple[np.ndarray, np.ndarray]:
-    """``(values, indices)`` of the ``k`` nearest database rows of each query (k capped at the
-    database size). ``values`` are inner products (``ip``) or squared L2 distances (``l2``)."""
-    database = np.ascontiguousarray(database, dtype=np.float32)
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    k = max(1, min(int(k), len(database)))
-    index = flat_index(database.shape[1], metric)
-    index.add(database)
-    return index.search(queries, k)
-
-
-def database_side_augmentation(train: np.ndarray, k: int = 10, alpha: float = 3.0) -> np.ndarray:
-    sims, ind = knn(train, train, k, "ip")
-    weights = np.sign(sims) * np.abs(sims) ** alpha  # sim^alpha, defined for negative sims too
-    return normalize((train[ind] * weights[..., None]).sum(axis=1))
-
-
-def negative_embedding_subtraction(x: np.ndarray, negatives: np.ndarray, k: int = 10, beta: float = 0.35,
-                                   iterations: int = 1) -> np.ndarray:
-    x = normalize(x)
-    for _ in range(iterations):
-        _, ind = knn(negatives, x, k, "ip")
-        x = normalize(x - beta * negatives[ind].mean(axis=1))
-    return x
-
-
-def search(query: np.ndarray, reference: np.ndarray, k: int = 10) -> Tuple[np.ndarray, np.ndarray]:
-    """``(scores, indices)``: the k nearest references of each query, score = -squared L2."""
-    dist, ind = knn(reference, query, k, "l2")
-    return -dist, ind
+from data.retrieval.dba import database_side_augmentation
+from data.retrieval.knn import normalize, search
+from data.retrieval.nes import negative_embedding_subtraction
 
 
 def to_rows(query_ids: Sequence[str], reference_ids: Sequence[str], scores: np.ndarray,

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from data.isc import augment, datasets, postprocess, synthetic
+from data.retrieval import dba, knn, nes
 from data.isc.layout import Disc21, LayoutError, list_images, positive_pairs, read_ground_truth
 
 
@@ -147,7 +148,7 @@ def _unit(*rows):
 
 def test_database_side_augmentation_by_hand():
     train = _unit([1, 0], [0.6, 0.8], [0, 1])
-    out = postprocess.database_side_augmentation(train, k=2, alpha=3.0)
+    out = dba.database_side_augmentation(train, k=2, alpha=3.0)
     # t0's neighbours: itself (sim 1) and t1 (0.6): [1, 0] + 0.6^3 [0.6, 0.8]
     # t1's: itself and t2 (0.8 > 0.6): [0.6, 0.8] + 0.8^3 [0, 1]
     # t2's: itself and t1 (0.8; t0 is at 0): [0, 1] + 0.8^3 [0.6, 0.8]
@@ -158,22 +159,22 @@ def test_database_side_augmentation_by_hand():
 def test_negative_embedding_subtraction_by_hand():
     x = _unit([0.8, 0.6])
     negatives = _unit([1, 0], [0, 1])
-    out = postprocess.negative_embedding_subtraction(x, negatives, k=1, beta=0.5)
+    out = nes.negative_embedding_subtraction(x, negatives, k=1, beta=0.5)
     np.testing.assert_allclose(out, _unit([0.8 - 0.5, 0.6]), atol=1e-6)  # nearest negative: [1, 0]
-    both = postprocess.negative_embedding_subtraction(x, negatives, k=2, beta=0.5)
+    both = nes.negative_embedding_subtraction(x, negatives, k=2, beta=0.5)
     np.testing.assert_allclose(both, _unit([0.8 - 0.25, 0.6 - 0.25]), atol=1e-6)
 
 
 def test_knn_and_rows():
     query = _unit([1, 0], [0, 1])
     reference = _unit([0, 1], [1, 0.1], [1, 1])
-    scores, ind = postprocess.search(query, reference, k=2)
+    scores, ind = knn.search(query, reference, k=2)
     assert ind.tolist() == [[1, 2], [0, 2]]
     assert scores[0, 0] == pytest.approx(-float(np.sum((query[0] - reference[1]) ** 2)), abs=1e-6)
     rows = postprocess.to_rows(["Q00000", "Q00001"], ["R000000", "R000001", "R000002"], scores, ind)
     assert [r[:2] for r in rows] == [("Q00000", "R000001"), ("Q00000", "R000002"), ("Q00001", "R000000"),
                                      ("Q00001", "R000002")]
-    scores, ind = postprocess.search(query, reference, k=10)  # k above the database size: capped
+    scores, ind = knn.search(query, reference, k=10)  # k above the database size: capped
     assert ind.shape == (2, 3)
     out = postprocess.postprocess(query, reference, reference, k=2, dba_k=2, nes_k=1)
     assert out["indices"].shape == (2, 2) and out["raw_indices"].tolist() == [[1, 2], [0, 2]]

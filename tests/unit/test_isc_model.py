@@ -1,5 +1,5 @@
-"""models/isc: GeM, the descriptor head's shapes, the contrastive loss by hand, the memory bank's
-state round trip, the linear schedule."""
+"""models/isc and the shared metric-learning pieces it is built from: GeM, the descriptor head's
+shapes, the contrastive loss by hand, the memory bank's state round trip, the linear schedule."""
 
 from __future__ import annotations
 
@@ -8,8 +8,13 @@ import math
 import pytest
 import torch
 
-from models.isc import (CrossBatchMemory, EpochLinearDecay, GeM, ISCNet, contrastive_loss, gather_with_grad, gem,
-                        optimizer_groups)
+from models.contrastive_loss import contrastive_loss
+from models.gather import gather_with_grad
+from models.isc import ISCNet
+from models.lr_schedules import EpochLinearDecay
+from models.memory_bank import CrossBatchMemory
+from models.param_groups import optimizer_groups
+from models.pooling import GeM, gem
 
 
 def test_gem_p1_is_average_pooling_and_p_large_tends_to_max():
