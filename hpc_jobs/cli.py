@@ -79,6 +79,11 @@ def launch_parser(workflow: str, summary: str = "", keys: Optional[List[str]] = 
                    help="any other sbatch option, validated (e.g. --sbatch reservation=r1); repeatable")
     s.add_argument("--stage-set", action="append", default=[], metavar="STAGE.FIELD=VALUE",
                    help="one stage's resources, e.g. --stage-set train.mem=64G --stage-set prepare.time=04:00:00")
+    r = p.add_argument_group("right-sizing", "each batch stage's --mem, --time and CPUs from earlier runs' peaks "
+                             "(x1.5 margin; x2 after OUT_OF_MEMORY/TIMEOUT; within the partition's limits)")
+    r.add_argument("--right-size", action="store_true",
+                   help="from the newest completed runs of this workflow and preset on this cluster")
+    r.add_argument("--resources-from", metavar="RUN", help="from that run (a run id, directory or 'last')")
     p.add_argument("--container", metavar="IMAGE", help="run every batch stage in this image: .sif (apptainer), squashfs or registry#image (pyxis), OCI bundle dir (docs/containers.md)")
     p.add_argument("--container-runtime", metavar="RT", help="apptainer, singularity, pyxis or oci (default: the profile's, or from the image)")
     p.add_argument("--preset", choices=sorted(presets) or None, help="a named set of config values")
@@ -144,6 +149,7 @@ def _launch_request(workflow: str, args: argparse.Namespace, argv: List[str], pr
         dry_run=args.dry_run,
         argv=[*prefix, workflow, *argv],
         sweep=list(args.sweep), sweep_from=args.sweep_from, sweep_parallel=args.sweep_parallel,
+        right_size=args.right_size, resources_from=args.resources_from,
     )
 
 
@@ -183,15 +189,22 @@ def cmd_launch(workflow: str, argv: List[str], extra_overrides: Optional[Dict[st
         from . import poller
 
         poller.invalidate()  # new jobs: the next status read asks the scheduler soon
+    sized = result.plan.right_sized.lines(workflow) if result.plan.right_sized else []
     if args.json:
+        for line in sized:
+            echo(line)
         print(json.dumps(_launch_json(result), indent=2))
     elif args.dry_run:
         for name, texts in result.scripts.items():
             for text in texts:
                 print(f"# ---- {name} " + "-" * 60)
                 print(text)
+        for line in sized:
+            print(line)
         print(f"dry run: scripts written under {run.dir}/stages/*/job.sbatch; nothing submitted")
     else:
+        for line in sized:
+            print(line)
         _print_launch(result)
     if args.follow and result.run and result.plan.profile.backend == "slurm" and not args.dry_run:
         return _follow(result.run)
@@ -413,9 +426,11 @@ def interruptions_note(items: List[Dict[str, Any]]) -> str:
 COMPACT_BELOW = 120
 
 
-def render_status(run, states, footer: str = "", width: Optional[int] = None):
+def render_status(run, states, footer: str = "", width: Optional[int] = None, efficiency=None):
     """The status table (rich) plus, for each failed stage, its Slurm state, exit code, hint and
-    the last lines of its error log. ``width``: the terminal's; a narrow one gets a compact table."""
+    the last lines of its error log. ``width``: the terminal's; a narrow one gets a compact table.
+    ``efficiency`` (hpc_jobs.efficiency.RunEfficiency): a line per stage that used little of what
+    it asked (memory, time, GPUs)."""
     from rich import box
     from rich.console import Group
     from rich.table import Table
@@ -465,6 +480,10 @@ def render_status(run, states, footer: str = "", width: Optional[int] = None):
     sweep = run.record.get("sweep")
     if sweep:
         parts.append(render_sweep(sweep, states))
+    if efficiency is not None:
+        from .efficiency import flag_lines
+
+        parts += [Text(line, style="yellow" if line.startswith("!") else "dim") for line in flag_lines(run, efficiency)]
     if footer:
         parts.append(Text(footer, style="dim"))
     return Group(*parts)
@@ -542,14 +561,15 @@ def _console(file=None):
     return console
 
 
-def status_text(run, states, width: int = 160) -> str:
+def status_text(run, states, width: int = 160, efficiency=None) -> str:
     """The status view as plain text (for tests and pipes)."""
     import io
 
     from rich.console import Console
 
     buf = io.StringIO()
-    Console(file=buf, width=width, color_system=None, highlight=False).print(render_status(run, states, width=width))
+    Console(file=buf, width=width, color_system=None, highlight=False).print(
+        render_status(run, states, width=width, efficiency=efficiency))
     return buf.getvalue()
 
 
@@ -594,8 +614,11 @@ def watch(run, interval: float = 5.0, as_json: bool = False, max_s: Optional[flo
                 if as_json:
                     print(json.dumps(_status_json(run, states), default=str), flush=True)
                 else:
+                    from .efficiency import for_run
+
                     console.print(f"-- {time.strftime('%H:%M:%S')}")
-                    console.print(render_status(run, states, width=console.width))
+                    console.print(render_status(run, states, width=console.width,
+                                                efficiency=for_run(run, states) if finished else None))
             if finished or (deadline and time.monotonic() > deadline):
                 return _run_exit(states)
             time.sleep(interval)
@@ -662,8 +685,10 @@ def cmd_status(argv: List[str]) -> int:
     if args.json:
         print(json.dumps(_status_json(run, states), indent=2, default=str))
         return 0
+    from .efficiency import for_run
+
     console = _console()
-    console.print(render_status(run, states, width=console.width))
+    console.print(render_status(run, states, width=console.width, efficiency=for_run(run, states)))
     return 0
 
 

@@ -25,7 +25,7 @@ from .ledger import Run, new_run_id
 from .profiles import ClusterProfile
 from .record import StageRecord, array_directive, compress_indices, task_chunks
 from .runtime import StageRunner, write_runner
-from .spec import Pipeline, Stage
+from .spec import Pipeline, Stage, parse_mem_mb
 from . import states as statesmod
 
 Echo = Callable[[str], None]
@@ -45,6 +45,26 @@ class LaunchRequest:
     sweep: List[str] = field(default_factory=list)  # --sweep KEY=V1,V2 (hpc_jobs/sweep.py)
     sweep_from: Optional[str] = None
     sweep_parallel: Optional[int] = None
+    right_size: bool = False  # --right-size: mem/time/cpus from earlier runs (hpc_jobs/efficiency.py)
+    resources_from: Optional[str] = None  # --resources-from RUN: from that run
+
+
+@dataclass
+class RightSizing:
+    """What --right-size / --resources-from changed, and from which runs."""
+
+    runs: List[str]
+    changes: List[Any]  # efficiency.Change
+    notes: List[str]
+
+    def lines(self, workflow: str) -> List[str]:
+        head = (f"right-sizing from {len(self.runs)} earlier run(s) of {workflow}: {', '.join(self.runs)}"
+                if self.runs else f"right-sizing: no earlier run of {workflow} with this preset on this cluster: "
+                                  f"resources unchanged")
+        return [head, *("  " + c.line() for c in self.changes), *("  " + n for n in self.notes)]
+
+    def to_record(self) -> Dict[str, Any]:
+        return {"runs": self.runs, "changes": [dataclasses.asdict(c) for c in self.changes], "notes": self.notes}
 
 
 @dataclass
@@ -62,6 +82,7 @@ class Plan:
     preset: Optional[str] = None  # the preset applied (given, or chosen by the workflow)
     sweep: Optional[Any] = None  # hpc_jobs.sweep.Sweep
     point_configs: List[Any] = field(default_factory=list)  # the config of each sweep point
+    right_sized: Optional[RightSizing] = None
 
 
 # -- planning ------------------------------------------------------------------------------------
@@ -75,6 +96,7 @@ def make_plan(req: LaunchRequest) -> Plan:
     config = wf_cls.make_config(preset, req.config_file, req.overrides)
     pipeline = wf_cls(config, opts).build()
     apply_cli_resources(pipeline, opts)
+    right_sized = right_size(req, wf_cls.name, preset, profile, pipeline, opts)
     from . import sweep as sweepmod
     from .container import apply_cli_container
 
@@ -93,7 +115,49 @@ def make_plan(req: LaunchRequest) -> Plan:
     run_id = new_run_id(req.run_name)
     run_dir = profile.runs_root / wf_cls.name / run_id
     return Plan(wf_cls, config, profile, pipeline, run_id, run_dir, sys.executable, opts.account, preset,
-                sweep, point_configs)
+                sweep, point_configs, right_sized)
+
+
+def right_size(req: LaunchRequest, workflow: str, preset: Optional[str], profile: ClusterProfile,
+               pipeline: Pipeline, opts: wfmod.LaunchOptions) -> Optional[RightSizing]:
+    """``--right-size`` / ``--resources-from RUN``: each batch stage's mem, time and CPUs from
+    earlier runs (hpc_jobs/efficiency.py), within the partition's limits. A value given on the
+    command line (--mem, --time, --cpus-per-task, --stage-set STAGE.FIELD=...) is kept."""
+    if not req.right_size and not req.resources_from:
+        return None
+    if req.right_size and req.resources_from:
+        raise UserError("--right-size and --resources-from RUN: give one (--right-size looks at the newest runs itself)")
+    if profile.backend != "slurm":
+        raise UserError(f"--right-size/--resources-from: cluster '{profile.name}' is not a Slurm cluster; "
+                        f"there is no accounting to size from")
+    from . import efficiency
+    from .ledger import find_run
+
+    if req.resources_from:
+        source = find_run(req.resources_from)
+        if source.workflow != workflow:
+            raise UserError(f"--resources-from {req.resources_from}: run {source.id} is a {source.workflow} run, "
+                            f"not {workflow}")
+        if source.backend != "slurm":
+            raise UserError(f"--resources-from {req.resources_from}: run {source.id} ran on the {source.backend} "
+                            f"backend; only a Slurm run has accounting to size from")
+        history = [source]
+    else:
+        history = efficiency.earlier_runs(profile.runs_root, workflow, preset, profile.name)
+    limits = _partition_limits(profile)
+
+    def limits_for(stage: Stage) -> efficiency.Limits:
+        part = profile.partition_for(stage.setup_kind, stage.resources.partition) or ""
+        lim = limits.get(part, {})
+        return efficiency.Limits(part, lim.get("mem_mb"), lim.get("max_time_s"), lim.get("cpus_per_node"))
+
+    pinned = {f: getattr(opts, f) is not None for f in ("mem", "time", "cpus_per_task")}
+    for item in opts.stage_sets:
+        target = item.partition("=")[0].replace("-", "_")
+        pinned[target] = True
+    changes, notes = efficiency.right_size(pipeline, history, limits_for,
+                                           keep=lambda stage, f: pinned.get(f, False) or pinned.get(f"{stage}.{f}", False))
+    return RightSizing([r.id for r in history], changes, notes)
 
 
 def apply_cli_resources(pipeline: Pipeline, opts: wfmod.LaunchOptions) -> None:
@@ -261,12 +325,14 @@ def _partition_limits(profile: ClusterProfile) -> Dict[str, Dict[str, Any]]:
                 f"run on the cluster's login node, or start the dev cluster (python -m hpc_jobs.devcluster up)"
             )
         return {
-            name: {"max_time_s": p.max_time_s, "gpus_per_node": p.gpus_per_node, "gpu_types": [], "nodes": p.nodes}
+            name: {"max_time_s": p.max_time_s, "gpus_per_node": p.gpus_per_node, "gpu_types": [], "nodes": p.nodes,
+                   "mem_mb": p.mem_mb, "cpus_per_node": p.cpus_per_node}
             for name, p in slurm.scheduler_partitions().items()
         }
     limits = {
         name: {"max_time_s": p.max_seconds, "gpus_per_node": p.gpus_per_node if p.gpus_per_node else None,
-               "gpu_types": p.gpu_types, "nodes": p.nodes}
+               "gpu_types": p.gpu_types, "nodes": p.nodes, "cpus_per_node": p.cpus_per_node,
+               "mem_mb": parse_mem_mb(p.mem_per_node) if p.mem_per_node else None}
         for name, p in profile.partitions.items()
     }
     from . import slurm
@@ -280,6 +346,8 @@ def _partition_limits(profile: ClusterProfile) -> Dict[str, Dict[str, Any]]:
         for name, part in real.items():
             if name in limits:
                 limits[name]["gpus_per_node"] = part.gpus_per_node
+                limits[name]["mem_mb"] = part.mem_mb or limits[name]["mem_mb"]
+                limits[name]["cpus_per_node"] = part.cpus_per_node or limits[name]["cpus_per_node"]
     return limits
 
 
@@ -355,6 +423,7 @@ def record_run(plan: Plan, req: LaunchRequest, jobs: Dict[str, List[rendermod.Jo
         order=list(plan.pipeline.order),
         slurm_version=_slurm_version(plan.profile),
         sweep=plan.sweep.to_record() if plan.sweep else None,
+        right_sized=plan.right_sized.to_record() if plan.right_sized else None,
     )
     run.save()
     return run

@@ -44,6 +44,7 @@ class Partition:
     gpu_types: List[str] = field(default_factory=list)
     nodes: Optional[int] = None
     cpus_per_node: Optional[int] = None
+    mem_per_node: Optional[str] = None  # e.g. "248G": the most a job may ask per node (right-sizing's ceiling)
 
     @property
     def max_seconds(self) -> Optional[int]:

@@ -6,8 +6,9 @@ stage's ``metrics.json``, else its marker's result, naming the stage), the run's
 time), the stage timeline (a Gantt of queue wait and run time per stage, and per task of an
 array stage), the curves (drawn from every ``metrics.csv`` a stage or array task wrote: train and
 validation metrics each on its own axis, the best step marked; plus any other ``*.png`` a stage
-wrote), the stage table (state, jobs, node, elapsed, exit code, handoff, last metric), every
-stage's results, the config (``config.yaml``), and the failures with hints and log tails.
+wrote), the stage table (state, jobs, node, elapsed, exit code, handoff, last metric), the
+efficiency table (CPU efficiency, peak memory and time vs asked, GPU use, CPU- and GPU-hours per
+stage and in total: :mod:`hpc_jobs.efficiency`), every stage's results, the config (``config.yaml``), and the failures with hints and log tails.
 
 The HTML page is one self-contained file: pictures are ``data:`` URIs, the timeline is inline
 SVG, the style is inline; nothing is fetched when it is opened. The markdown page links its
@@ -368,6 +369,7 @@ def collect(run: Run, base: Optional[Path] = None, with_series: bool = False) ->
             "hint": st.hint if st else None, "log_tail": list(st.log_tail) if st else [],
             "error": st.error if st else "",
         })
+    efficiency = _efficiency(run, states)
     firsts = [b["submitted_s"] or b["started_s"] for b in timeline if (b["submitted_s"] or b["started_s"]) is not None]
     lasts = [b["ended_s"] for b in timeline if b["ended_s"] is not None]
     first, last = (min(firsts) if firsts else None), (max(lasts) if lasts else None)
@@ -378,8 +380,42 @@ def collect(run: Run, base: Optional[Path] = None, with_series: bool = False) ->
         "git": git, "debug": bool(rec.get("debug")), "run_dir": str(run.dir),
         "wall_s": round(last - first, 1) if first is not None and last is not None and last >= first else None,
         "headline": _headline(stages), "outcome": _outcome(stages), "timeline": timeline, "curves": curves, "stages": stages,
-        "config": _read_text(run.dir / "config.yaml"), "state_error": state_error,
+        "config": _read_text(run.dir / "config.yaml"), "state_error": state_error, "efficiency": efficiency,
     }
+
+
+def _efficiency(run: Run, states: Dict[str, Any]) -> Dict[str, Any]:
+    """The efficiency table (hpc_jobs/efficiency.py): a row per stage that ran on Slurm, and the
+    run's CPU-hours and GPU-hours."""
+    from . import efficiency as effmod
+
+    try:
+        eff = effmod.for_run(run, states or None)
+    except Exception as exc:  # noqa: BLE001 - the page still shows the rest
+        return {"source": f"{type(exc).__name__}: {exc}", "rows": [], "cpu_hours": None, "gpu_hours": None}
+    rows = [effmod.row(st) for st in eff.stages.values() if st.tasks]
+    return {"source": eff.source, "rows": rows, "cpu_hours": round(eff.cpu_hours, 4),
+            "gpu_hours": round(eff.gpu_hours, 4), "stages": {n: st.as_dict() for n, st in eff.stages.items()}}
+
+
+def _efficiency_table(eff: Dict[str, Any]) -> Tuple[List[str], List[List[str]], str]:
+    """Header, rows (with a total row) and a note, for both page formats."""
+    from .efficiency import COLUMNS, fmt_hours
+
+    header = [label for _, label in COLUMNS]
+    rows = [[r[key] for key, _ in COLUMNS] for r in eff.get("rows", [])]
+    if rows:
+        total = ["total", "", "", "", "", "", "", "", fmt_hours(eff["cpu_hours"]), fmt_hours(eff["gpu_hours"]), ""]
+        rows.append(total)
+    note = ("From sacct (CPU-hours = CPUs allocated x elapsed, as sreport charges; GPU-hours = GPUs "
+            "allocated x elapsed; every submission and requeue counted). Peak memory is the largest step's "
+            "MaxRSS per node, sampled by Slurm; GPU figures come from the training engine's heartbeat, "
+            "n/a where none was measured. Flags: under a quarter of the memory or time asked, or GPUs idle.")
+    if eff.get("source") != "sacct":
+        note = f"No efficiency figures: {eff.get('source')}."
+    elif not rows:
+        note = "No stage has ended on Slurm yet."
+    return header, rows, note
 
 
 # -- pictures ------------------------------------------------------------------------------------
@@ -622,6 +658,13 @@ def to_markdown(data: Dict[str, Any], pictures: Optional[Dict[str, str]] = None)
     lines += ["## Stages", "", "| " + " | ".join(STAGE_COLUMNS) + " |", "|" + "---|" * len(STAGE_COLUMNS)]
     for s in data["stages"]:
         lines.append("| " + " | ".join(_md_cell(x) for x in _stage_row(s)) + " |")
+    header, rows, note = _efficiency_table(data["efficiency"])
+    lines += ["", "## Efficiency", ""]
+    if rows:
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(_md_cell(x) for x in r) + " |" for r in rows]
+        lines.append("")
+    lines += [note]
     lines += ["", "## Final metrics", ""]
     any_metrics = False
     for s in data["stages"]:
@@ -764,6 +807,13 @@ def to_html(data: Dict[str, Any]) -> str:
                     "".join(f"<td>{e(str(x if x not in (None, '') else '-'))}</td>" for x in cells[2:]) + "</tr>")
     parts.append(f"<h2>Stages</h2><section id='stages'><table><thead><tr>{head}</tr></thead>"
                  f"<tbody>{''.join(rows)}</tbody></table></section>")
+    header, erows, note = _efficiency_table(data["efficiency"])
+    table = ""
+    if erows:
+        table = ("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>" +
+                 "".join("<tr>" + "".join(f"<td>{e(str(x))}</td>" for x in r) + "</tr>" for r in erows) +
+                 "</tbody></table>")
+    parts.append(f"<h2>Efficiency</h2><section id='efficiency'>{table}<p class='muted'>{e(note)}</p></section>")
     results = []
     for s in data["stages"]:
         for label, pairs in _result_rows(s):

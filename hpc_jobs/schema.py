@@ -7,7 +7,12 @@
      "stages": [{"name", "where", "state", "job_ids", "depends_on", "array", "script", "elapsed",
                  "node", "exit_code", "raw_state", "reason", "error", "result", "metric",
                  "progress", "handoff", "interruptions", "tasks", "task_list", "hint",
-                 "log_tail", "log_file"}, ...]}
+                 "log_tail", "log_file", "efficiency"}, ...],
+     "efficiency": {"source", "cpu_hours", "gpu_hours"}}
+
+A stage's ``efficiency`` (:mod:`hpc_jobs.efficiency`, null until its jobs ended on Slurm):
+``cpu_efficiency peak_mem_mb req_mem_mb longest_s limit_s gpus gpu_util_mean gpu_mem_peak_mb
+cpu_hours gpu_hours flags tasks task_list``; null figures are not measured ("n/a").
 
 ``status --json`` without a run lists ``{"schema": "hpc-jobs/runs/v1", "runs": [...]}`` with each
 run's identity, ``stages`` (state -> count) and ``damaged``. A key is never renamed within a
@@ -24,14 +29,17 @@ RUNS_SCHEMA = "hpc-jobs/runs/v1"
 
 def run_document(run: Any, states: Dict[str, Any]) -> Dict[str, Any]:
     """A run and its stages' states (``status.stage_states``) as one JSON-able dict."""
+    from . import efficiency
     from . import states as statesmod
     from .status import run_finished
 
+    eff = efficiency.for_run(run, states)
     stages: List[Dict[str, Any]] = []
     for name, st in states.items():
         rec = run.stage(name)
         entry = st.as_dict()
-        entry.update(depends_on=list(rec.depends_on), array=rec.array, script=rec.script)
+        entry.update(depends_on=list(rec.depends_on), array=rec.array, script=rec.script,
+                     efficiency=eff.stages[name].as_dict() if name in eff.stages and eff.stages[name].tasks else None)
         stages.append(entry)
     values = [st.state for st in states.values()]
     return {
@@ -45,6 +53,8 @@ def run_document(run: Any, states: Dict[str, Any]) -> Dict[str, Any]:
         "failed": [st.name for st in states.values() if st.state in statesmod.FAILED],
         "stages": stages,
         "sweep": _sweep(run, states),
+        "efficiency": {"source": eff.source, "cpu_hours": round(eff.cpu_hours, 4),
+                       "gpu_hours": round(eff.gpu_hours, 4)},
     }
 
 

@@ -14,7 +14,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Sequence
 
 from .errors import UserError
 
@@ -87,14 +87,22 @@ SQUEUE_FORMAT = "%i|%T|%M|%N|%r|%F|%K"
 def sacct_jobs(base_ids: List[str]) -> Optional[Dict[str, JobInfo]]:
     """One ``sacct`` call for many jobs (array ids expand to their tasks); None when accounting
     is off or slurmdbd does not answer (the caller falls back to ``squeue``)."""
+    text = sacct_text(base_ids, SACCT_FIELDS)
+    return None if text is None else parse_sacct(text)
+
+
+def sacct_text(base_ids: List[str], fields: str, options: Sequence[str] = ("-X",)) -> Optional[str]:
+    """THE ``sacct`` call: ``--parsable2 --noheader -o FIELDS -j ID,ID,...`` (plus ``options``: ``-X``
+    for allocations only; the step rows and ``-D`` for :mod:`hpc_jobs.efficiency`). None when
+    accounting is off or sacct fails; why is in ``last_sacct_error``."""
     global last_sacct_error
     if not base_ids:
-        return {}
+        return ""
     if not shutil.which("sacct"):
         last_sacct_error = "no sacct on PATH"
         return None
     try:
-        proc = _run(["sacct", "-X", "--parsable2", "--noheader", "-o", SACCT_FIELDS, "-j", ",".join(base_ids)])
+        proc = _run(["sacct", *options, "--parsable2", "--noheader", "-o", fields, "-j", ",".join(base_ids)])
     except (OSError, subprocess.TimeoutExpired) as exc:
         last_sacct_error = f"{type(exc).__name__}: {exc}"
         return None
@@ -103,7 +111,7 @@ def sacct_jobs(base_ids: List[str]) -> Optional[Dict[str, JobInfo]]:
         last_sacct_error = last_sacct_error[0][:300] or f"exit code {proc.returncode}"
         return None
     last_sacct_error = ""
-    return parse_sacct(proc.stdout)
+    return proc.stdout
 
 
 last_sacct_error = ""  # why the last sacct call gave no answer ("" when it did)
@@ -261,6 +269,8 @@ class PartitionInfo:
     gpus_per_node: int
     nodes: int
     default: bool
+    mem_mb: Optional[int] = None  # the smallest node's memory (sinfo %m), or MaxMemPerNode if lower
+    cpus_per_node: Optional[int] = None  # the smallest node's CPUs (sinfo %c)
 
 
 def scheduler_partitions() -> Dict[str, PartitionInfo]:
@@ -270,7 +280,7 @@ def scheduler_partitions() -> Dict[str, PartitionInfo]:
     proc = _run(["scontrol", "show", "partition", "--oneliner"])
     if proc.returncode != 0:
         raise UserError(f"cannot read partitions from Slurm: {proc.stderr.strip() or 'scontrol failed'}")
-    gres = _partition_gres()
+    gres, nodes_mem, nodes_cpus = _partition_nodes()
     parts: Dict[str, PartitionInfo] = {}
     for line in proc.stdout.splitlines():
         fields = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
@@ -284,22 +294,46 @@ def scheduler_partitions() -> Dict[str, PartitionInfo]:
             gpus_per_node=gres.get(name, 0),
             nodes=int(fields.get("TotalNodes", "0") or 0),
             default=fields.get("Default") == "YES",
+            mem_mb=_min_known(nodes_mem.get(name), _int_or_none(fields.get("MaxMemPerNode"))),
+            cpus_per_node=nodes_cpus.get(name),
         )
     return parts
 
 
-def _partition_gres() -> Dict[str, int]:
-    proc = _run(["sinfo", "-h", "-o", "%R|%G"])
+def _int_or_none(text: Optional[str]) -> Optional[int]:
+    try:
+        return int(str(text).rstrip("+"))
+    except (TypeError, ValueError):
+        return None  # UNLIMITED, N/A
+
+
+def _min_known(*values: Optional[int]) -> Optional[int]:
+    known = [v for v in values if v]
+    return min(known) if known else None
+
+
+def _partition_nodes():
+    """ONE ``sinfo`` call: per partition the most GPUs a node has, and the smallest node's memory
+    (MB) and CPUs (a job must fit on any of its nodes)."""
+    proc = _run(["sinfo", "-h", "-o", "%R|%G|%m|%c"])
     out: Dict[str, int] = {}
+    mem: Dict[str, int] = {}
+    cpus: Dict[str, int] = {}
     for line in proc.stdout.splitlines():
-        name, _, gres = line.partition("|")
+        name, _, rest = line.partition("|")
+        gres, _, rest = rest.partition("|")
+        node_mem, _, node_cpus = rest.partition("|")
+        name = name.strip()
+        for table, value in ((mem, _int_or_none(node_mem)), (cpus, _int_or_none(node_cpus))):
+            if value:
+                table[name] = min(table.get(name, value), value)
         count = 0
         for item in gres.split(","):
             match = re.match(r"^gpu(?::[^:(]+)?:(\d+)", item.strip())
             if match:
                 count = max(count, int(match.group(1)))
-        out[name.strip()] = max(out.get(name.strip(), 0), count)
-    return out
+        out[name] = max(out.get(name, 0), count)
+    return out, mem, cpus
 
 
 def max_array_size() -> int:

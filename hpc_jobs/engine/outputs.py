@@ -132,6 +132,9 @@ class Heartbeat:
         self.total_steps, self.epochs = total_steps, epochs
         self.last_write = 0.0
         self.host, self.pid = socket.gethostname(), os.getpid()
+        from hpc_jobs.efficiency import GpuSampler
+
+        self.gpu = GpuSampler()  # GPU utilisation / memory at each write; "n/a" without a GPU
 
     def beat(self, *, step: int, epoch: float, loss: float | None, rate: float, samples_per_s: float,
              phase: str, force: bool = False) -> None:
@@ -147,6 +150,8 @@ class Heartbeat:
             "eta_s": round(remaining / rate, 1) if rate > 0 else None,
             "time": now, "host": self.host, "pid": self.pid, "phase": phase,
         }
+        self.gpu.sample()
+        payload.update(self.gpu.fields())
         atomic_write_bytes(self.path, json.dumps(payload).encode())
 
 
