@@ -764,7 +764,7 @@ def plan_stage(name: str, res, hist: StageHistory, limits: Limits) -> Tuple[Dict
     if hist.last_state == "OUT_OF_MEMORY":
         base = hist.last_mem_mb or old_mb
         if base:
-            mem_mb = round_mem_mb(max(base * FAILED_FACTOR, (old_mb or 0)))
+            mem_mb = round_mem_mb(base * FAILED_FACTOR)
             why = f"the last run was OUT_OF_MEMORY at {fmt_mem(base)}: x{FAILED_FACTOR}"
     elif hist.peak_mem_mb is not None and hist.runs:
         mem_mb = max(MIN_MEM_MB, round_mem_mb(hist.peak_mem_mb * MEM_MARGIN))
@@ -781,7 +781,7 @@ def plan_stage(name: str, res, hist: StageHistory, limits: Limits) -> Tuple[Dict
     time_s, why = None, ""
     if hist.last_state == "TIMEOUT":
         base = hist.last_limit_s or old_s
-        time_s = int(max(base * FAILED_FACTOR, old_s))
+        time_s = int(base * FAILED_FACTOR)
         why = f"the last run hit its time limit {format_time(int(base))}: x{FAILED_FACTOR}"
     elif hist.needed_s is not None and hist.runs:
         time_s = int(math.ceil((hist.needed_s * TIME_MARGIN + TIME_EXTRA_S) / 60.0) * 60)
