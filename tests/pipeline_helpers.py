@@ -51,3 +51,9 @@ def states_of(states: Dict[str, Dict[str, Any]]) -> Dict[str, str]:
 
 def job_ids(launch: Dict[str, Any]) -> Dict[str, List[str]]:
     return {s["name"]: s["job_ids"] for s in launch["stages"]}
+
+
+def workflow_lines(stdout: str) -> List[str]:
+    """A local launch's output without the framework's per-attempt banner lines (``[hpc_jobs] ...``)
+    that open and close every stage's log: what the workflow itself printed, in order."""
+    return [line for line in stdout.splitlines() if "[hpc_jobs]" not in line]

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.pipeline_helpers import cli, status_json
+from tests.pipeline_helpers import cli, status_json, workflow_lines
 
 
 def test_readme_main_command_learns_the_synthetic_set(tmp_path):
     # (this machine runs the dev cluster, so name the backend a fresh machine falls back to)
     proc = cli(tmp_path, "diving", "--gpus", "2", "--cluster", "local", "--run-name", "readme", timeout=900)
-    lines = proc.stdout.splitlines()
+    lines = workflow_lines(proc.stdout)  # (each stage's log opens with the framework's attempt banner)
+    assert proc.stdout.startswith("[download] [hpc_jobs] attempt 1 of stage download"), proc.stdout[:300]
     assert lines[0].startswith("[download] diving: no MTL-AQA data configured: using the SYNTHETIC set"), lines[:3]
     assert "no GPU on this machine: 2 ranks run with gloo on the CPU" in proc.stdout
     assert "ddp on 2 rank(s)" in proc.stdout

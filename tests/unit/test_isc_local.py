@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline_helpers import cli, status_json
+from tests.pipeline_helpers import cli, status_json, workflow_lines
 
 STAGES = ("download", "train_v83", "train_v83_cont", "train_v86", "train_v98", "train_v107", "extract",
           "postprocess", "eval")
@@ -31,7 +31,7 @@ def _run_dir(home: Path, run: str) -> Path:
 
 def test_every_stage_completes_and_v83_cont_resumes_at_epoch_5(runs):
     home, trained, _ = runs
-    lines = trained.stdout.splitlines()
+    lines = workflow_lines(trained.stdout)
     assert lines[0].startswith("[download] isc: no DISC21 data configured: using the SYNTHETIC set"), lines[:2]
     states = status_json(home, "trained")
     assert {k: v["state"] for k, v in states.items()} == {s: "COMPLETED" for s in STAGES}

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.pipeline_helpers import cli, status_json
+from tests.pipeline_helpers import cli, status_json, workflow_lines
 
 STAGES = ("download", "train", "distill", "predict", "ensemble")
 FOLDS = 4
@@ -43,7 +43,7 @@ def _metrics(home: Path, run: str) -> dict:
 
 def test_every_stage_and_fold_completes(runs):
     home, trained, untrained = runs
-    assert trained.stdout.splitlines()[0].startswith(
+    assert workflow_lines(trained.stdout)[0].startswith(
         "[download] sensorium: no Sensorium data configured: using the SYNTHETIC set"), trained.stdout[:300]
     for run in ("trained", "untrained"):
         states = status_json(home, run)
