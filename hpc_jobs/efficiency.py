@@ -172,7 +172,10 @@ class Usage:
 
     @property
     def cpu_eff(self) -> Optional[float]:
-        return self.cpu_s / self.cpu_alloc_s if self.cpu_s is not None and self.cpu_alloc_s > 0 else None
+        """At most 1 (Elapsed is whole seconds, TotalCPU is not: a 2.4 s job can read 114%)."""
+        if self.cpu_s is None or self.cpu_alloc_s <= 0:
+            return None
+        return min(1.0, self.cpu_s / self.cpu_alloc_s)
 
     @property
     def mem_frac(self) -> Optional[float]:
@@ -280,7 +283,7 @@ class StageEfficiency:
     def cpu_eff(self) -> Optional[float]:
         used = [t for t in self.tasks if t.cpu_s is not None and t.cpu_alloc_s > 0]
         total = sum(t.cpu_alloc_s for t in used)
-        return sum(t.cpu_s for t in used) / total if total else None
+        return min(1.0, sum(t.cpu_s for t in used) / total) if total else None
 
     @property
     def peak_mem_mb(self) -> Optional[float]:
@@ -526,7 +529,7 @@ def fmt_mem(mb: Optional[float]) -> str:
 def fmt_pct(frac: Optional[float]) -> str:
     if frac is None:
         return "n/a"
-    return "<1%" if 0 < frac < 0.005 else f"{100 * frac:.0f}%"
+    return "<1%" if 0 < frac < 0.01 else f"{100 * frac:.0f}%"
 
 
 def fmt_hours(hours: float) -> str:
@@ -850,6 +853,9 @@ def right_size(pipeline, history_runs: Sequence[Any], limits_for: Callable[[Any]
             notes.append(f"{stage.name}: unchanged (no completed run to size it from)")
             continue
         new, stage_changes = plan_stage(stage.name, stage.resources, h, limits_for(stage))
+        if h.peak_mem_mb is None and h.last_state != "OUT_OF_MEMORY":
+            notes.append(f"{stage.name}: mem unchanged (sacct has no MaxRSS sample: a job shorter than "
+                         f"JobAcctGatherFrequency; --sbatch acctg-freq=5 samples more often)")
         for c in [c for c in stage_changes if keep(stage.name, c.field)]:
             stage_changes.remove(c)
             new.pop(c.field, None)
