@@ -261,13 +261,22 @@ def _print_launch(result) -> None:
 
 
 def _fmt_result(result: Any) -> str:
+    """A stage's result as ``key=value`` words: floats to 4 places, nested dicts as ``outer.key``."""
     if isinstance(result, dict):
         parts = []
-        for k, v in result.items():
-            if isinstance(v, float):
-                parts.append(f"{k}={v:.4f}")
-            elif isinstance(v, (int, str)) and len(str(v)) < 40:
-                parts.append(f"{k}={v}")
+
+        def add(prefix: str, items: Dict[str, Any]) -> None:
+            for k, v in items.items():
+                if isinstance(v, bool):
+                    parts.append(f"{prefix}{k}={v}")
+                elif isinstance(v, float):
+                    parts.append(f"{prefix}{k}={v:.4f}")
+                elif isinstance(v, (int, str)) and len(str(v)) < 40:
+                    parts.append(f"{prefix}{k}={v}")
+                elif isinstance(v, dict) and not prefix:  # one level: {"out_of_fold": {"ensemble": 0.24}}
+                    add(f"{k}.", v)
+
+        add("", result)
         return " ".join(parts)
     return str(result)[:60]
 

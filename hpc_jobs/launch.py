@@ -258,7 +258,12 @@ def preview_jobs(plan: Plan) -> Dict[str, List[rendermod.JobScript]]:
         if stage.where != "batch":
             continue
         parents = [p for p in stage.parents() if plan.pipeline[p].where == "batch"]
-        deps = [rendermod.Dependency("afterok", [f"<{p}>" for p in parents])] if parents else []
+        # as the submission will: task i after task i of a per-task parent array, else the whole job
+        per_task = {i.stage for i in stage.inputs.values() if i.per_task and stage.array and plan.pipeline[i.stage].array}
+        whole = [f"<{p}>" for p in parents if p not in per_task]
+        corr = [f"<{p}>" for p in parents if p in per_task]
+        deps = ([rendermod.Dependency("afterok", whole)] if whole else []) + \
+               ([rendermod.Dependency("aftercorr", corr)] if corr else [])
         parts = task_chunks(range(stage.num_tasks), max_array) if stage.array else [None]
         out[stage.name] = [job_for(plan, stage, deps, i, c) for i, c in enumerate(parts)]
     return out

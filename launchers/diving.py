@@ -387,6 +387,8 @@ class Diving(Workflow):
     presets = PRESETS
     default_preset = "tiny"  # the generated data set
     data_key, real_data_preset = "root_dir", "paper"  # real data: the seed's settings
+    # --sweep learning_rate=1e-3,3e-4: download and prepare run once, train -> eval once per point
+    sweep_from, sweep_metric, sweep_mode = "train", "spearman", "max"
 
     def build(self) -> Pipeline:
         cfg, opts = self.config, self.options
