@@ -13,15 +13,20 @@ an overwrite removes the old manifest first) but not bit rot or a copy that chan
 where hashing multi-GB files on every start costs too much.
 
 Torch is imported inside ``save_checkpoint``/``load_checkpoint`` only: the launch path imports
-this module to verify handoffs without torch.
+this module to verify handoffs without torch. Where torch is not installed at all (the core
+``pip install hpc-jobs``, a workflow of plain Python objects), the state is pickled after a
+``HPCJOBS-PICKLE`` header instead, and loaded back (with torch or without) by a pickle reader that,
+with ``weights_only=True``, rebuilds only plain containers, numbers and strings.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
+import pickle
 import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -129,8 +134,12 @@ def save_checkpoint(path: str | os.PathLike, state: dict, *, step: int, epoch: i
                     companions: Iterable[str | os.PathLike] = ()) -> Manifest:
     """Write ``state`` with ``torch.save`` atomically, then its manifest. ``companions`` are
     files or directories already written beside the checkpoint (e.g. DeepSpeed shards) whose
-    sizes and hashes the manifest also records. Returns the manifest."""
-    import torch
+    sizes and hashes the manifest also records. Returns the manifest. Without torch installed the
+    state is pickled instead (see the module docstring)."""
+    try:
+        import torch
+    except ModuleNotFoundError:
+        torch = None
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +148,11 @@ def save_checkpoint(path: str | os.PathLike, state: dict, *, step: int, epoch: i
     tmp = _tmp_name(path)
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            if torch is not None:
+                torch.save(state, f)
+            else:
+                f.write(PLAIN_HEADER)
+                pickle.dump(state, f, protocol=4)
             f.flush()
             os.fsync(f.fileno())
         size, sha = _hash_file(tmp)
@@ -237,19 +250,58 @@ def verify_checkpoint(path: str | os.PathLike, *, quick: bool = False) -> Manife
 
 #: classes that safe loading (``weights_only=True``) may rebuild besides tensors and containers
 SAFE_GLOBALS = (argparse.Namespace,)
+#: the first bytes of a checkpoint written without torch (a pickle follows)
+PLAIN_HEADER = b"HPCJOBS-PICKLE-1\n"
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Plain containers, numbers and strings, plus SAFE_GLOBALS; no other class or function."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        for cls in SAFE_GLOBALS:
+            if (cls.__module__, cls.__qualname__) == (module, name):
+                return cls
+        raise pickle.UnpicklingError(f"weights_only: {module}.{name} is not an allowed global")
+
+
+def _load_plain(path: Path, weights_only: bool) -> dict:
+    with open(path, "rb") as f:
+        data = f.read()[len(PLAIN_HEADER):]
+    try:
+        return _SafeUnpickler(io.BytesIO(data)).load() if weights_only else pickle.loads(data)
+    except Exception as exc:  # pickle errors come in many types
+        if weights_only and "weights_only" in str(exc):
+            raise CheckpointError(
+                f"{path} holds Python objects that safe loading refuses ({exc}); "
+                "load it with weights_only=False only if you trust where it came from") from None
+        raise CheckpointError(f"cannot load checkpoint {path}: {exc}") from exc
+
+
+def _is_plain(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(PLAIN_HEADER)) == PLAIN_HEADER
+    except OSError:
+        return False
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", verify: bool = True, *,
                     quick: bool = False, weights_only: bool = True) -> dict:
     """Verify (unless ``verify=False``) and ``torch.load`` a checkpoint. ``weights_only=True``
-    refuses pickled code; checkpoints written by the engine load that way."""
-    import torch
-
+    refuses pickled code; checkpoints written by the engine load that way. A checkpoint written
+    without torch loads without it (``map_location`` does not apply)."""
     path = Path(path)
     if verify:
         verify_checkpoint(path, quick=quick)
     elif not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
+    if _is_plain(path):
+        return _load_plain(path, weights_only)
+    try:
+        import torch
+    except ModuleNotFoundError:
+        raise CheckpointError(f"{path} was written by torch.save: loading it needs torch "
+                              f"(pip install 'hpc-jobs[workflows]')") from None
     try:
         # Published research checkpoints often pickle their argparse.Namespace next to the weights
         # (the ISC 2021 winners' do): a plain attribute bag, safe to rebuild, so allow it.

@@ -16,14 +16,14 @@ from typing import Any, Dict, List, Optional
 
 from .errors import UserError
 
-COMMANDS = ("list", "run", "status", "logs", "cancel", "resume", "profiles", "debug", "report")
+COMMANDS = ("list", "run", "status", "logs", "cancel", "resume", "profiles", "debug", "report", "new")
 
 TOP_HELP = """\
 usage: python launch.py WORKFLOW [options]      launch a workflow (python launch.py WORKFLOW --help)
        python launch.py run [options] -- CMD ARGS
                                                 your own command as a one-stage pipeline (requeue on
                                                 the time limit; it gets $HPC_JOBS_CHECKPOINT_DIR)
-       python launch.py list                    the workflows, one line each
+       python launch.py list                    the workflows, one line each, with where each comes from
        python launch.py status [RUN [STAGE]] [--watch] [--json]
                                                 stages, progress, failures of a run (no RUN: recent
                                                 runs; STAGE: an array's tasks)
@@ -37,6 +37,12 @@ usage: python launch.py WORKFLOW [options]      launch a workflow (python launch
                                                 run one stage interactively in an allocation (salloc)
        python launch.py report RUN              write report.md: stage table, timings, curves, metrics
        python launch.py profiles                the cluster profiles
+       python launch.py new WORKFLOW [--dir D]  write D/WORKFLOW.py, a workflow skeleton that launches as it is
+       python launch.py --version
+
+`hpc-jobs` (the installed command) is the same as `python launch.py`. Workflows come from the
+shipped `launchers` package, from HPC_JOBS_LAUNCHERS (packages, modules or .py paths, comma-
+separated) and from installed packages' `hpc_jobs.workflows` entry points.
 
 hpc-jobs renders each stage of a research pipeline as an sbatch script, submits the stages with
 dependencies through submitit and hands checkpoints from stage to stage. With no Slurm on the
@@ -321,11 +327,30 @@ def _follow(run) -> int:
 def cmd_list(argv: List[str]) -> int:
     from . import workflow as wfmod
 
-    argparse.ArgumentParser(prog="python launch.py list", description="List the workflows.").parse_args(argv)
+    argparse.ArgumentParser(prog="python launch.py list", description="List the workflows and where each comes from "
+                            "(shipped, HPC_JOBS_LAUNCHERS, or an installed distribution's entry point).").parse_args(argv)
     workflows = wfmod.discover()
     width = max((len(n) for n in workflows), default=0)
+    swidth = max((len(wfmod.source(n)) for n in workflows), default=0)
     for name, cls in workflows.items():
-        print(f"{name:<{width}}  {cls.summary}")
+        print(f"{name:<{width}}  {wfmod.source(name):<{swidth}}  {cls.summary}")
+    return 0
+
+
+def cmd_new(argv: List[str]) -> int:
+    from .scaffold import write
+
+    p = argparse.ArgumentParser(prog="python launch.py new",
+                                description="Write DIR/WORKFLOW.py: a config dataclass, three stages with an init "
+                                            "handoff and a tiny preset, ready to launch (docs/writing-a-workflow.md).")
+    p.add_argument("workflow", help="the new workflow's name (also its module's): lower-case letters, digits, _")
+    p.add_argument("--dir", default=".", help="where to write it (default: here)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    args = p.parse_args(argv)
+    path = write(args.workflow, Path(args.dir), force=args.force)
+    shown = f"./{path.name}" if path.parent == Path.cwd().resolve() else str(path)
+    print(f"wrote {path}\nlaunch it here:\n  HPC_JOBS_LAUNCHERS={shown} hpc-jobs {args.workflow} --cluster local\n"
+          f"(or `python launch.py` in place of `hpc-jobs`; docs/writing-a-workflow.md: packaging it, entry points)")
     return 0
 
 
@@ -975,9 +1000,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not argv or argv[0] in ("-h", "--help", "help"):
             print(TOP_HELP)
             return 0 if argv else 2
+        if argv[0] in ("--version", "-V"):
+            from . import __version__
+
+            print(f"hpc-jobs {__version__}")
+            return 0
         command, rest = argv[0], argv[1:]
         handlers = {"list": cmd_list, "run": cmd_run, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
-                    "resume": cmd_resume, "profiles": cmd_profiles, "debug": cmd_debug, "report": cmd_report}
+                    "resume": cmd_resume, "profiles": cmd_profiles, "debug": cmd_debug, "report": cmd_report,
+                    "new": cmd_new}
         if command in handlers:
             return handlers[command](rest)
         if command.startswith("-"):

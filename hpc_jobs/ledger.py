@@ -195,19 +195,24 @@ class Run:
             src = REPO_ROOT / package
             if src.is_dir():
                 shutil.copytree(src, self.code_dir / package, ignore=ignore)
-        from .workflow import launcher_packages
+        from .profiles import TEMPLATES_DIR
+        from .workflow import launcher_code
 
-        for package in launcher_packages():
-            if package.split(".")[0] in CODE_PACKAGES:
+        # HPC_JOBS_LAUNCHERS packages and modules (a .py path too), entry points' packages
+        for name, src in launcher_code():
+            if name.split(".")[0] in CODE_PACKAGES:
                 continue
-            import importlib
-
-            module = importlib.import_module(package)
-            src = Path(list(module.__path__)[0])  # a package (namespace packages included)
-            dest = self.code_dir.joinpath(*package.split("."))
-            if not dest.exists():
-                shutil.copytree(src, dest, ignore=ignore)
-        shutil.copytree(REPO_ROOT / "templates", self.code_dir / "templates", ignore=ignore)
+            dest = self.code_dir.joinpath(*name.split("."))
+            if src.is_dir():
+                if not dest.exists():
+                    shutil.copytree(src, dest, ignore=ignore)
+            else:  # a module: a .py file
+                dest = dest.with_name(src.name)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if not dest.exists():
+                    shutil.copy2(src, dest)
+        # the template and profiles (package data: in an installed wheel they sit in hpc_jobs/ already)
+        shutil.copytree(TEMPLATES_DIR, self.code_dir / "templates", ignore=ignore, dirs_exist_ok=True)
 
     def remember(self) -> None:
         """Append to the per-user index so ``status`` finds the run from any shell."""

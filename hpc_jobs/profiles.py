@@ -24,7 +24,24 @@ from .errors import UserError
 from .spec import parse_time
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BUILTIN_DIR = REPO_ROOT / "templates" / "profiles"
+
+
+def _templates_dir() -> Path:
+    """``templates/``: the package ``hpc_jobs.templates`` (setup.cfg maps the repository's
+    top-level ``templates/`` onto it), in an editable install and in a wheel alike; a checkout
+    on ``sys.path`` without an install (or an editable install older than that mapping, or a
+    run's code snapshot) has it beside ``hpc_jobs/``."""
+    from importlib.resources import files
+
+    try:
+        return Path(str(files("hpc_jobs.templates")))
+    except ModuleNotFoundError:
+        return REPO_ROOT / "templates"
+
+
+#: the sbatch template and the shipped profiles (package data)
+TEMPLATES_DIR = _templates_dir()
+BUILTIN_DIR = TEMPLATES_DIR / "profiles"
 
 
 def user_profile_dir() -> Path:

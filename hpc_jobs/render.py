@@ -17,10 +17,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from . import __version__
 from . import container as containermod
 from .errors import UserError
-from .profiles import REPO_ROOT, ClusterProfile
+from .profiles import TEMPLATES_DIR, ClusterProfile
 from .spec import Stage, format_time, parse_mem_mb
 
-TEMPLATE_DIR = REPO_ROOT / "templates"
+TEMPLATE_DIR = TEMPLATES_DIR
 
 # An #SBATCH value is read by sbatch, not by a shell; still, a newline or a quote would let input
 # add directives or break parsing, so values are restricted to what Slurm names actually use.

@@ -2,9 +2,13 @@
 
 A workflow is one file in ``launchers/`` that subclasses :class:`Workflow`, decorates it with
 :func:`register`, declares its config dataclass and presets, and builds a pipeline. The core never
-imports a workflow by name: it discovers the modules of the ``launchers`` package. Workflow modules
-must not import torch at module level (launching must feel instant); stage functions import what
-they need inside their bodies.
+imports a workflow by name: it discovers the modules of the ``launchers`` package (shipped), of the
+packages, modules or ``.py`` paths named in ``HPC_JOBS_LAUNCHERS``, and the entry points of the
+group ``hpc_jobs.workflows`` that installed distributions declare (``NAME = "module:Class"`` or
+``NAME = "module"``). Entry points are read from the installed metadata without importing anything;
+only the one launched is imported (``list`` imports them all). Workflow modules must not import torch
+at module level (launching must feel instant); stage functions import what they need inside their
+bodies.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import dataclasses
 import importlib
 import os
 import pkgutil
+import sys
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Type
 
 from . import config as cfgmod
@@ -22,13 +29,179 @@ from .spec import Pipeline
 
 _REGISTRY: Dict[str, Type["Workflow"]] = {}
 LAUNCHER_PACKAGES = ("launchers",)
+ENTRY_POINT_GROUP = "hpc_jobs.workflows"
+SHIPPED = "shipped"
+#: workflow name -> where it came from: "shipped", "HPC_JOBS_LAUNCHERS (ENTRY)", "entry point (DIST)"
+_SOURCES: Dict[str, str] = {}
+_loading: List[str] = ["(imported directly)"]  # the source being imported now (for register's clash error)
+#: modules imported for HPC_JOBS_LAUNCHERS entries and entry points: a run snapshots their code
+#: (module, whether its whole top-level package is copied)
+_EXTRA_CODE: Dict[str, Tuple[ModuleType, bool]] = {}
+
+
+class WorkflowClashError(UserError, TypeError):
+    """Two sources define one workflow name (one line, exit code 2)."""
 
 
 def launcher_packages() -> List[str]:
-    """``launchers`` plus the packages named in ``HPC_JOBS_LAUNCHERS`` (comma-separated): keep your
-    own workflows in your own package; its code is snapshotted with the run like the rest."""
+    """``launchers`` plus the entries of ``HPC_JOBS_LAUNCHERS`` (comma-separated): packages or
+    modules by import name, or paths to a ``.py`` file or a package directory. Keep your own
+    workflows in your own package; its code is snapshotted with the run like the rest."""
     extra = [p.strip() for p in os.environ.get("HPC_JOBS_LAUNCHERS", "").split(",") if p.strip()]
     return list(LAUNCHER_PACKAGES) + [p for p in extra if p not in LAUNCHER_PACKAGES]
+
+
+def _is_path(entry: str) -> bool:
+    return "/" in entry or entry.endswith(".py") or entry in (".", "..")
+
+
+def _import_entry(entry: str) -> ModuleType:
+    """Import an ``HPC_JOBS_LAUNCHERS`` entry: a module/package name, or a path to a ``.py`` file
+    or a package directory (its parent directory goes on ``sys.path``)."""
+    if not _is_path(entry):
+        try:
+            return importlib.import_module(entry)
+        except ModuleNotFoundError as exc:
+            if exc.name and entry.split(".")[0] != exc.name.split(".")[0] and not entry.startswith(exc.name + "."):
+                raise  # the entry was found; something it imports is missing: the real traceback
+            raise UserError(f"HPC_JOBS_LAUNCHERS entry '{entry}': no module named '{exc.name}' (give an importable "
+                            f"name, or a path: HPC_JOBS_LAUNCHERS=./{entry.split('.')[-1]}.py)") from None
+    path = Path(entry).expanduser().resolve()
+    if not path.exists():
+        raise UserError(f"HPC_JOBS_LAUNCHERS entry '{entry}': {path} does not exist")
+    if path.is_dir() and not (path / "__init__.py").exists():
+        raise UserError(f"HPC_JOBS_LAUNCHERS entry '{entry}': {path} is a directory without __init__.py "
+                        f"(name a .py file, or a package directory)")
+    name = path.stem if path.suffix == ".py" else path.name
+    if not name.isidentifier():
+        raise UserError(f"HPC_JOBS_LAUNCHERS entry '{entry}': '{name}' is not a Python module name "
+                        f"(letters, digits and _ only)")
+    parent = str(path.parent)
+    if parent not in sys.path:
+        sys.path.append(parent)  # last: a file there never shadows an installed module
+    module = importlib.import_module(name)
+    where = Path(getattr(module, "__file__", None) or next(iter(getattr(module, "__path__", [])), "")).resolve()
+    if where != path and where.parent != path:
+        raise UserError(f"HPC_JOBS_LAUNCHERS entry '{entry}': the module name '{name}' is already taken by "
+                        f"{where}; rename {path.name}")
+    return module
+
+
+def _import_launchers(entry: str, source: str) -> ModuleType:
+    _loading.append(source)
+    try:
+        module = _import_entry(entry)
+        if hasattr(module, "__path__"):  # a package: every public module in it
+            for info in pkgutil.iter_modules(module.__path__):
+                if not info.name.startswith("_"):
+                    importlib.import_module(f"{module.__name__}.{info.name}")
+    finally:
+        _loading.pop()
+    return module
+
+
+def _load_builtin() -> None:
+    """The shipped workflows and those of ``HPC_JOBS_LAUNCHERS`` (imported once; cheap after)."""
+    _loading.append(SHIPPED)
+    try:
+        importlib.import_module("hpc_jobs.command")  # the built-in `run`: your own command as a pipeline
+    finally:
+        _loading.pop()
+    for entry in launcher_packages():
+        source = SHIPPED if entry in LAUNCHER_PACKAGES else f"HPC_JOBS_LAUNCHERS ({entry})"
+        module = _import_launchers(entry, source)
+        if source != SHIPPED:
+            _EXTRA_CODE[module.__name__] = (module, False)
+
+
+def _dist_name(ep: Any) -> str:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return "?"
+    return f"{dist.metadata['Name'] or dist.name} {dist.version}"
+
+
+def entry_points() -> Dict[str, List[Any]]:
+    """Workflow name -> the entry points of group ``hpc_jobs.workflows`` declaring it (metadata
+    only: nothing is imported). One distribution seen twice on ``sys.path`` counts once."""
+    from importlib.metadata import entry_points as _eps
+
+    found: Dict[str, List[Any]] = {}
+    for ep in _eps(group=ENTRY_POINT_GROUP):
+        same = found.setdefault(ep.name, [])
+        if not any(o.value == ep.value for o in same):
+            same.append(ep)
+    return found
+
+
+def _ep_source(ep: Any) -> str:
+    return f"entry point ({_dist_name(ep)})"
+
+
+def _check_clash(name: str, eps: List[Any]) -> None:
+    """One line naming both sources when two of them define ``name``."""
+    if len(eps) > 1:
+        a, b = eps[0], eps[1]
+        raise WorkflowClashError(
+            f"workflow '{name}' is defined twice: {_ep_source(a)}: {a.value} and {_ep_source(b)}: {b.value}; "
+            f"uninstall one of them or rename its entry point")
+    ep = eps[0]
+    cls = _REGISTRY.get(name)
+    if cls is not None:
+        module = ep.value.split(":")[0].strip()
+        if cls.__module__ != module and not cls.__module__.startswith(module + "."):
+            raise WorkflowClashError(
+                f"workflow '{name}' is defined twice: {_SOURCES.get(name, cls.__module__)}: {cls.__module__} and "
+                f"{_ep_source(ep)}: {ep.value}; rename one of them (the entry point's name is the workflow's)")
+
+
+def _load_entry_point(name: str, ep: Any) -> None:
+    source = _ep_source(ep)
+    _loading.append(source)
+    try:
+        obj = ep.load()
+    except ImportError as exc:
+        raise UserError(f"workflow '{name}' ({source}): cannot import {ep.value}: {exc}") from exc
+    finally:
+        _loading.pop()
+    if isinstance(obj, type) and issubclass(obj, Workflow):
+        if obj.name != name:
+            raise UserError(f"entry point '{name}' ({source}) names {ep.value}, whose workflow name is "
+                            f"'{obj.name}': give the entry point the workflow's name")
+        if _REGISTRY.get(name) is not obj:
+            _loading.append(source)
+            try:
+                register(obj)
+            finally:
+                _loading.pop()
+    elif name not in _REGISTRY:
+        raise UserError(f"entry point '{name}' ({source}): {ep.value} registers no workflow named '{name}' "
+                        f"(point it at a Workflow subclass, module:Class, or at a module that @registers it)")
+    _SOURCES.setdefault(name, source)
+    module = sys.modules.get(ep.value.split(":")[0].strip())
+    if module is not None and module.__name__.split(".")[0] not in LAUNCHER_PACKAGES + ("hpc_jobs",):
+        _EXTRA_CODE.setdefault(module.__name__, (module, True))
+
+
+def source(name: str) -> str:
+    """Where workflow ``name`` came from (after :func:`discover` or :func:`get`)."""
+    return _SOURCES.get(name, "?")
+
+
+def launcher_code() -> List[Tuple[str, Path]]:
+    """(import name, file or package directory) of the code of every workflow loaded from outside
+    the shipped packages, for the run's snapshot: an ``HPC_JOBS_LAUNCHERS`` package or module as
+    named; an entry point's whole top-level package (its workflow may import the rest of it)."""
+    out: Dict[str, Path] = {}
+    for module, whole_top in _EXTRA_CODE.values():
+        name = module.__name__.split(".")[0] if whole_top else module.__name__
+        top = sys.modules.get(name) or importlib.import_module(name)
+        paths = list(getattr(top, "__path__", []) or [])
+        if paths:
+            out[name] = Path(paths[0])
+        elif getattr(top, "__file__", None):
+            out[name] = Path(top.__file__)
+    return sorted(out.items())
 
 
 @dataclass
@@ -165,30 +338,39 @@ def register(cls: Type[Workflow]) -> Type[Workflow]:
         raise TypeError(f"workflow {cls.name}: Config must be a dataclass")
     existing = _REGISTRY.get(cls.name)
     if existing is not None and existing.__module__ != cls.__module__:
-        raise TypeError(f"workflow name '{cls.name}' is registered twice ({existing.__module__}, {cls.__module__})")
+        raise WorkflowClashError(
+            f"workflow '{cls.name}' is defined twice: {_SOURCES.get(cls.name, '?')}: {existing.__module__} and "
+            f"{_loading[-1]}: {cls.__module__}; rename one of them")
     _REGISTRY[cls.name] = cls
+    _SOURCES.setdefault(cls.name, _loading[-1])
     return cls
 
 
 def discover() -> Dict[str, Type[Workflow]]:
-    """Import every module of the launcher packages once; return the registry."""
-    importlib.import_module("hpc_jobs.command")  # the built-in `run`: your own command as a pipeline
-    for package_name in launcher_packages():
-        package = importlib.import_module(package_name)
-        for info in pkgutil.iter_modules(package.__path__):
-            if not info.name.startswith("_"):
-                importlib.import_module(f"{package_name}.{info.name}")
+    """Every workflow: import the shipped and ``HPC_JOBS_LAUNCHERS`` modules and every entry point
+    of ``hpc_jobs.workflows``; return the registry. A name two sources define: one line, exit 2."""
+    _load_builtin()
+    for name, eps in sorted(entry_points().items()):
+        _check_clash(name, eps)
+        _load_entry_point(name, eps[0])
     return dict(sorted(_REGISTRY.items()))
 
 
 def get(name: str) -> Type[Workflow]:
-    workflows = discover()
-    if name not in workflows:
+    """The workflow ``name``: the shipped and ``HPC_JOBS_LAUNCHERS`` ones are imported; of the entry
+    points only the one named ``name`` (the others are read from metadata, never imported)."""
+    _load_builtin()
+    eps = entry_points()
+    if name in eps:
+        _check_clash(name, eps[name])
+        _load_entry_point(name, eps[name][0])
+    if name not in _REGISTRY:
         import difflib
 
-        close = difflib.get_close_matches(name, list(workflows), n=1)
+        names = sorted(set(_REGISTRY) | set(eps))
+        close = difflib.get_close_matches(name, names, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise UserError(
-            f"unknown workflow '{name}'.{hint} Available: {', '.join(workflows)} (python launch.py list)"
+            f"unknown workflow '{name}'.{hint} Available: {', '.join(names)} (python launch.py list)"
         )
-    return workflows[name]
+    return _REGISTRY[name]

@@ -2,12 +2,14 @@
 # Install what hpc-jobs needs on a Debian/Ubuntu machine:
 #   1. system packages (ffmpeg for the video benchmark, tmux for interactive tests, a compiler),
 #   2. a virtualenv in .venv (python3 -m venv),
-#   3. the project, editable, with its dev extras (pip install -e '.[dev]'),
+#   3. the project, editable, with the shipped workflows' ML stack and the dev tools
+#      (pip install -e '.[workflows,dev]'), every version pinned by requirements/lock.txt,
 #   4. torchsort, which is source-only and must be built after torch, without nvcc on PATH.
 # The Slurm packages are not listed here: `python -m hpc_jobs.devcluster up` installs them.
 #
 # Idempotent, and fast (a few seconds) when everything is already installed.
-# Environment: PYTHON (default python3), HPC_JOBS_VENV (default .venv in the checkout).
+# Environment: PYTHON (default python3), HPC_JOBS_VENV (default .venv in the checkout),
+# HPC_JOBS_LOCK (default requirements/lock.txt; 'none': resolve freely, as scripts/lock.sh does).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -15,6 +17,12 @@ ROOT=$PWD
 PYTHON=${PYTHON:-python3}
 VENV=${HPC_JOBS_VENV:-$ROOT/.venv}
 STAMP=$VENV/.hpc-jobs-install.stamp
+LOCK=${HPC_JOBS_LOCK:-$ROOT/requirements/lock.txt}
+constraints=()
+if [[ $LOCK != none ]]; then
+    [[ -f $LOCK ]] || { echo "install.sh: no lock file $LOCK (HPC_JOBS_LOCK=none resolves without one)" >&2; exit 2; }
+    constraints=(-c "$LOCK")
+fi
 
 say() { printf '[install] %s\n' "$*"; }
 now() { date +%s.%N; }
@@ -61,7 +69,10 @@ say "venv: $(elapsed "$t") s"
 # ------------------------------------------------------------------------------- python packages
 # The stamp records what was installed; when it matches and the modules are there, skip pip.
 t=$(now)
-fingerprint=$(cat setup.cfg pyproject.toml "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)
+fingerprint=$(cat setup.cfg setup.py pyproject.toml "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)
+if [[ $LOCK != none ]]; then
+    fingerprint="$fingerprint $(sha256sum <"$LOCK" | cut -d' ' -f1)"
+fi
 fingerprint="$fingerprint $ROOT"
 modules=(hpc_jobs torch torchvision submitit torchsort pytest)
 all_found="import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))"
@@ -70,8 +81,8 @@ if [[ -f $STAMP && $(cat "$STAMP") == "$fingerprint" ]] &&
     say "python packages already installed ($VENV)"
 else
     rm -f "$STAMP"
-    say "pip install -e '.[dev]' (torch is large: this takes a few minutes the first time)"
-    "$VENV/bin/python" -m pip install -q -e '.[dev]'
+    say "pip install -e '.[workflows,dev]' ${constraints[*]-} (torch is large: a few minutes the first time)"
+    "$VENV/bin/python" -m pip install -q -e '.[workflows,dev]' ${constraints[@]+"${constraints[@]}"}
 
     # torchsort compiles a CUDA extension whenever `nvcc` is on PATH, and that fails on a machine
     # without a GPU toolkit that works. Hide nvcc, and only nvcc: each PATH directory holding one
@@ -93,7 +104,7 @@ else
             build_path=${build_path:+$build_path:}$d
         done
         say "building torchsort from source (no nvcc on PATH)"
-        PATH=$build_path "$VENV/bin/python" -m pip install -q --no-build-isolation torchsort
+        PATH=$build_path "$VENV/bin/python" -m pip install -q --no-build-isolation torchsort ${constraints[@]+"${constraints[@]}"}
     fi
     "$VENV/bin/python" -c "import $(IFS=,; echo "${modules[*]}")"  # a real import, once
     echo "$fingerprint" >"$STAMP"
