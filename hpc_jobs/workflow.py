@@ -342,7 +342,10 @@ def register(cls: Type[Workflow]) -> Type[Workflow]:
             f"workflow '{cls.name}' is defined twice: {_SOURCES.get(cls.name, '?')}: {existing.__module__} and "
             f"{_loading[-1]}: {cls.__module__}; rename one of them")
     _REGISTRY[cls.name] = cls
-    _SOURCES.setdefault(cls.name, _loading[-1])
+    source = _loading[-1]
+    if len(_loading) == 1 and cls.__module__.split(".")[0] in LAUNCHER_PACKAGES + ("hpc_jobs",):
+        source = SHIPPED  # a shipped module imported directly (a test, a script)
+    _SOURCES.setdefault(cls.name, source)
     return cls
 
 
