@@ -323,18 +323,20 @@ class Attempt:
 
 def _segments(path: Path) -> List[int]:
     """Byte offsets where an attempt starts in a log file (submitit's start line, or hpc-jobs' banner)."""
-    starts: List[int] = []
+    found: Dict[str, List[int]] = {m: [] for m in ATTEMPT_MARKERS}
     try:
         with open(path, "rb") as fh:
             offset = 0
             for line in fh:
                 text = line.decode(errors="replace")
-                if any(m in text for m in ATTEMPT_MARKERS):
-                    starts.append(offset)
+                for marker in ATTEMPT_MARKERS:
+                    if marker in text:
+                        found[marker].append(offset)
                 offset += len(line)
     except OSError:
         return []
-    return starts
+    # one attempt prints both submitit's start line and the banner: count by the first kind found
+    return next((starts for starts in found.values() if starts), [])
 
 
 def log_attempts(run: Run, stage: str, task: Optional[int] = None, rank: int = 0) -> List[Attempt]:

