@@ -38,7 +38,7 @@ def test_a_2x2_sweep_is_arrays_ranked_by_metric_and_resume_reruns_one_point(slur
     out = launch_json(home, "demo", "--cluster", "devcluster", "--run-name", "grid", "--set", "epochs=4",
                       "--sweep", "lr=0.1,0.5", "--sweep", "more_epochs=2,4", "--set", "fail_once=evaluate:3")
     stages = {s["name"]: s for s in out["stages"]}
-    assert [p for p in out["sweep"]["points"]] == [{"lr": 0.1, "more_epochs": 2}, {"lr": 0.1, "more_epochs": 4},
+    assert [p["values"] for p in sorted(out["sweep"]["points"], key=lambda p: p["index"])] == [{"lr": 0.1, "more_epochs": 2}, {"lr": 0.1, "more_epochs": 4},
                                                    {"lr": 0.5, "more_epochs": 2}, {"lr": 0.5, "more_epochs": 4}]
     assert all(len(stages[s]["job_ids"]) == 1 and stages[s]["array"] == 4 for s in SWEPT), stages
     assert stages["shard"]["array"] == 3  # the shared stage keeps its own array, once
