@@ -418,5 +418,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def _exit_now(code: int) -> None:
+    """End the process without interpreter teardown once the stage's outcome is on disk (marker
+    and checkpoints written atomically, logs flushed). Multi-rank teardown of native libraries
+    (gloo/NCCL groups, DeepSpeed's threads) can crash a rank at exit after a stage COMPLETED on
+    every rank, and the crash would fail the stage and cancel its descendants."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed pipe: nothing left to flush to
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from .. import states as statesmod
 
@@ -188,22 +188,33 @@ class LocalBackend:
             thread = threading.Thread(target=_pump, args=(proc.stdout, log, echo if rank == 0 else None), daemon=True)
             thread.start()
             threads.append(thread)
-        codes = self._wait(procs)
+        codes, first = self._wait(procs)
         for thread in threads:
             thread.join(timeout=5)
         for log in logs:
             log.close()
-        bad = [c for c in codes if c != 0]
-        return bad[0] if bad else 0
+        if first is None:
+            return 0
+        if first != 0 and echo is not None:  # only rank 0 is echoed: show why the failing rank ended
+            from ..status import tail_lines
+
+            path = log_dir / f"{tag}rank{first}.log"
+            echo(f"rank {first} exited {codes[first]} first; the end of {path}:")
+            for line in tail_lines(path, 15):
+                echo(f"  rank {first}| {line}")
+        return codes[first]
 
     @staticmethod
-    def _wait(procs: List[subprocess.Popen]) -> List[int]:
-        """Wait for all ranks; if one fails, stop the others (they would hang in a collective)."""
+    def _wait(procs: List[subprocess.Popen]) -> Tuple[List[int], Optional[int]]:
+        """Wait for all ranks; if one fails, stop the others (they would hang in a collective).
+        Returns every rank's exit code and the rank that failed on its own first (None: all 0)."""
         while True:
             codes = [p.poll() for p in procs]
             if all(c is not None for c in codes):
-                return codes  # type: ignore[return-value]
+                bad = [r for r, c in enumerate(codes) if c != 0]
+                return codes, (bad[0] if bad else None)  # type: ignore[return-value]
             if any(c not in (None, 0) for c in codes):
+                first = next(r for r, c in enumerate(codes) if c not in (None, 0))
                 deadline = time.time() + 10
                 for p in procs:
                     if p.poll() is None:
@@ -214,5 +225,5 @@ class LocalBackend:
                     except subprocess.TimeoutExpired:
                         p.kill()
                         p.wait()
-                return [p.returncode for p in procs]
+                return [p.returncode for p in procs], first
             time.sleep(0.1)

@@ -501,6 +501,8 @@ class DevCluster:
         suffix = f"-{d.required_args[-1]}" if d.required_args else ""  # slurmd-n1
         out = self.layout.log_dir / f"{d.program}{suffix}.stderr"
         out.parent.mkdir(parents=True, exist_ok=True)
+        if d.pid() is None:  # a pid file left by a daemon of an earlier boot would read as "died"
+            d.pid_file.unlink(missing_ok=True)
         with open(out, "w") as f:
             if "user" in kw:
                 os.chown(out, pwd.getpwnam(kw["user"]).pw_uid, -1)

@@ -235,3 +235,16 @@ def test_a_job_slurm_requeues_reads_active_and_is_not_resubmitted(requeued_after
     assert not submitted.exists(), f"resume submitted a second train job:\n{resume.stdout}\n{resume.stderr}"
     assert resume.returncode == 2 and "still queued or running" in resume.stderr, resume.stderr
     assert train["state"] == "PENDING", train
+
+
+def test_local_ranks_report_the_rank_that_failed_first_not_one_stopped_after_it():
+    """A rank that fails on its own is the one reported: the ranks stopped because of it (SIGTERM,
+    -15) are not, so the exit code and the log shown say why the task failed."""
+    from hpc_jobs.backends.local import LocalBackend
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    failer = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(7)"])
+    codes, first = LocalBackend._wait([sleeper, failer])
+    assert first == 1 and codes[1] == 7
+    assert codes[0] == -15  # stopped, not waited for for a minute
+    assert LocalBackend._wait([subprocess.Popen([sys.executable, "-c", "pass"])]) == ([0], None)
