@@ -83,6 +83,14 @@ class Plan:
     sweep: Optional[Any] = None  # hpc_jobs.sweep.Sweep
     point_configs: List[Any] = field(default_factory=list)  # the config of each sweep point
     right_sized: Optional[RightSizing] = None
+    _max_array: Optional[int] = field(default=None, repr=False)
+
+    @property
+    def max_array(self) -> int:
+        """The largest array one sbatch takes (the scheduler's MaxArraySize, asked once per plan)."""
+        if self._max_array is None:
+            self._max_array = _max_array(self.profile)
+        return self._max_array
 
 
 # -- planning ------------------------------------------------------------------------------------
@@ -236,6 +244,7 @@ def job_for(plan: Plan, stage: Stage, deps: Sequence[rendermod.Dependency], chun
         array=array,
         account=plan.account,
         chunk=chunk,
+        array_offset=tasks[0] if array else 0,
     )
 
 
@@ -252,7 +261,7 @@ def _max_array(profile: ClusterProfile) -> int:
 
 def preview_jobs(plan: Plan) -> Dict[str, List[rendermod.JobScript]]:
     """Render every batch stage with symbolic dependencies (for --dry-run and preflight)."""
-    max_array = _max_array(plan.profile)
+    max_array = plan.max_array
     out: Dict[str, List[rendermod.JobScript]] = {}
     for stage in plan.pipeline:
         if stage.where != "batch":
@@ -280,6 +289,20 @@ def preflight(plan: Plan, jobs: Dict[str, List[rendermod.JobScript]], test_only:
             f"cluster '{profile.name}' requires an account: add --account <your project> "
             f"(CARC: see 'myaccount' for your project names)"
         )
+    # sbatch --test-only (read-only) runs while the partitions are read and checked; a partition
+    # error is still the one reported when both fail
+    tested = _test_only(plan, jobs) if test_only else None
+    try:
+        _check_partitions(plan)
+    finally:
+        results = tested() if tested is not None else []
+    for name, error in results:
+        if error:
+            raise PreflightError(f"stage '{name}': Slurm would reject the job: {error}")
+
+
+def _check_partitions(plan: Plan) -> None:
+    profile = plan.profile
     partitions = _partition_limits(profile)
     for stage in plan.pipeline:
         if stage.where != "batch":
@@ -316,8 +339,6 @@ def preflight(plan: Plan, jobs: Dict[str, List[rendermod.JobScript]], test_only:
             raise PreflightError(
                 f"stage '{stage.name}': {res.nodes} nodes asked, partition '{part}' has {limit['nodes']}: lower --nodes"
             )
-    if test_only:
-        _test_only(plan, jobs)
 
 
 def _partition_limits(profile: ClusterProfile) -> Dict[str, Dict[str, Any]]:
@@ -356,8 +377,9 @@ def _partition_limits(profile: ClusterProfile) -> Dict[str, Dict[str, Any]]:
     return limits
 
 
-def _test_only(plan: Plan, jobs: Dict[str, List[rendermod.JobScript]]) -> None:
-    """``sbatch --test-only`` every script (without dependencies: the parents don't exist yet)."""
+def _test_only(plan: Plan, jobs: Dict[str, List[rendermod.JobScript]]):
+    """Start ``sbatch --test-only`` of every script (without dependencies: the parents don't exist
+    yet), four at a time in threads; returns a function that waits for ``[(stage, error or None)]``."""
     from concurrent.futures import ThreadPoolExecutor
 
     from . import slurm
@@ -367,11 +389,10 @@ def _test_only(plan: Plan, jobs: Dict[str, List[rendermod.JobScript]]) -> None:
         job = dataclasses.replace(chunk_jobs[0], directives=[d for d in chunk_jobs[0].directives
                                                              if d[0] not in ("dependency", "kill-on-invalid-dep")])
         scripts.append((name, rendermod.render(job)))
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(lambda item: (item[0], slurm.test_only(item[1])), scripts))
-    for name, error in results:
-        if error:
-            raise PreflightError(f"stage '{name}': Slurm would reject the job: {error}")
+    pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hpc-jobs-test-only")
+    tests = [pool.submit(slurm.test_only, text) for _, text in scripts]
+    pool.shutdown(wait=False)
+    return lambda: [(name, test.result()) for (name, _), test in zip(scripts, tests)]
 
 
 # -- recording -----------------------------------------------------------------------------------
@@ -393,7 +414,8 @@ def _runner(plan: Plan, stage: Stage) -> StageRunner:
     )
 
 
-def record_run(plan: Plan, req: LaunchRequest, jobs: Dict[str, List[rendermod.JobScript]]) -> Run:
+def record_run(plan: Plan, req: LaunchRequest, jobs: Dict[str, List[rendermod.JobScript]],
+               facts: Optional["_Prefetch"] = None) -> Run:
     import yaml
 
     runs_root = plan.profile.runs_root
@@ -402,10 +424,13 @@ def record_run(plan: Plan, req: LaunchRequest, jobs: Dict[str, List[rendermod.Jo
         # the scripts still name the cluster's paths
         runs_root = profmod.hpc_jobs_home() / "dry-runs"
     run = Run.create(runs_root, plan.workflow.name, plan.run_id)
+    # libyaml's dumper where PyYAML has it (the same YAML, ~10x faster than the pure-Python one)
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
     run.write_provenance(
         req.argv or [sys.argv[0], req.workflow],
-        yaml.safe_dump(cfgmod.to_dict(plan.config), sort_keys=False),
-        yaml.safe_dump(dataclasses.asdict(plan.profile), sort_keys=False),
+        yaml.dump(cfgmod.to_dict(plan.config), Dumper=dumper, sort_keys=False),
+        yaml.dump(dataclasses.asdict(plan.profile), Dumper=dumper, sort_keys=False),
+        git=facts.git.result() if facts else None,
     )
     run.snapshot_code()
     for desc, stage in zip(plan.pipeline.describe(), plan.pipeline):
@@ -422,11 +447,11 @@ def record_run(plan: Plan, req: LaunchRequest, jobs: Dict[str, List[rendermod.Jo
         cluster=plan.profile.name,
         data_root=str(plan.profile.data_root),
         submit_rate=plan.profile.submit_rate,
-        max_array_size=_max_array(plan.profile) if plan.profile.backend == "slurm" and not req.dry_run else None,
+        max_array_size=plan.max_array if plan.profile.backend == "slurm" and not req.dry_run else None,
         options=dataclasses.asdict(req.options),
         preset=plan.preset,
         order=list(plan.pipeline.order),
-        slurm_version=_slurm_version(plan.profile),
+        slurm_version=facts.version.result() if facts and facts.version else _slurm_version(plan.profile),
         sweep=plan.sweep.to_record() if plan.sweep else None,
         right_sized=plan.right_sized.to_record() if plan.right_sized else None,
     )
@@ -535,12 +560,39 @@ class LaunchResult:
     failed: List[str] = field(default_factory=list)
 
 
+class _Prefetch:
+    """Read-only facts the record needs (git HEAD and diff, the Slurm version), asked in threads
+    while the launch plans and checks: each is a subprocess the launch would otherwise wait for in
+    turn. Nothing here writes; a failure reads as "unknown", as before."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .ledger import git_state
+
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hpc-jobs-prefetch")
+        self.git = self._pool.submit(git_state)
+        self.version = None
+
+    def slurm(self, profile: ClusterProfile) -> None:
+        if profile.backend == "slurm":
+            self.version = self._pool.submit(_slurm_version, profile)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 def launch(req: LaunchRequest, echo: Echo = print) -> LaunchResult:
-    plan = make_plan(req)
-    jobs = preview_jobs(plan)
-    slurm_real = plan.profile.backend == "slurm" and not req.dry_run
-    preflight(plan, jobs, test_only=slurm_real)
-    run = record_run(plan, req, jobs)
+    facts = _Prefetch()
+    try:
+        plan = make_plan(req)
+        facts.slurm(plan.profile)
+        jobs = preview_jobs(plan)
+        slurm_real = plan.profile.backend == "slurm" and not req.dry_run
+        preflight(plan, jobs, test_only=slurm_real)
+        run = record_run(plan, req, jobs, facts)
+    finally:
+        facts.close()
     if req.dry_run:
         scripts = write_scripts(jobs)
         run.record["dry_run"] = True

@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from . import __version__
 from .errors import RunLockedError, UserError
@@ -50,14 +50,25 @@ def new_run_id(name: Optional[str] = None) -> str:
     return f"{stamp}-{os.urandom(2).hex()}"
 
 
-def _git(*args: str) -> Optional[str]:
+def git_state() -> Tuple[Optional[str], Optional[str]]:
+    """The checkout's HEAD and ``git diff HEAD`` (both None outside a git checkout), asked at once."""
     try:
-        out = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout if out.returncode == 0 else None
+        procs = [subprocess.Popen(["git", "-C", str(REPO_ROOT), *args], stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
+                 for args in (("rev-parse", "HEAD"), ("diff", "HEAD"))]
+    except OSError:
+        return None, None
+    outs = []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            out = None
+        outs.append(out if proc.returncode == 0 else None)
+    sha = (outs[0] or "").strip() or None
+    return sha, (outs[1] if sha else None)
 
 
 def _index_file() -> Path:
@@ -160,12 +171,13 @@ class Run:
         run.record = {"run": run_id, "workflow": workflow}
         return run
 
-    def write_provenance(self, argv: List[str], config_text: str, profile_text: str) -> None:
+    def write_provenance(self, argv: List[str], config_text: str, profile_text: str,
+                         git: Optional[Tuple[Optional[str], Optional[str]]] = None) -> None:
+        """``git``: (sha, diff) from :func:`git_state` when the caller asked for it earlier."""
         atomic_write_text(self.dir / "command.txt", " ".join(argv) + "\n", fsync=False)
         atomic_write_text(self.dir / "config.yaml", config_text, fsync=False)
         atomic_write_text(self.dir / "profile.yaml", profile_text, fsync=False)
-        sha = (_git("rev-parse", "HEAD") or "").strip() or None
-        diff = _git("diff", "HEAD") if sha else None
+        sha, diff = git if git is not None else git_state()
         if diff:
             atomic_write_text(self.dir / "git.diff", diff, fsync=False)
         self.record.update(

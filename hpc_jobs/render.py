@@ -7,6 +7,7 @@ and :func:`render` fills ``templates/sbatch.sh.j2`` with it. Nothing here runs a
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -75,6 +76,12 @@ class JobScript:
     epilogue: List[str] = field(default_factory=list)  # host lines after the step (the requeue relay)
 
 
+#: the module an array task runs (``python -m``) in place of ``submitit.core._submit``: it writes
+#: the task's submitit pickle from the stage's ``runner.pkl`` in the job, then hands over to
+#: submitit's entry, so submitting an array writes no file per task (hpc_jobs/backends/slurm.py)
+ARRAY_ENTRY = "hpc_jobs.backends.slurm"
+
+
 def submitit_folder(stage_dir: Path) -> Path:
     return stage_dir / "slurm"
 
@@ -105,8 +112,10 @@ def build_job(
     array: Optional[str] = None,
     account: Optional[str] = None,
     chunk: int = 0,
+    array_offset: int = 0,
 ) -> JobScript:
-    """Resolve one stage for one profile. ``array`` is the ``--array`` value of chunk ``chunk``."""
+    """Resolve one stage for one profile. ``array`` is the ``--array`` value of chunk ``chunk``,
+    whose Slurm index ``a`` runs task ``array_offset + a``."""
     res = stage.resources
     stage_dir = run_dir / "stages" / stage.name
     script_path = stage_dir / ("job.sbatch" if chunk == 0 else f"job.chunk{chunk}.sbatch")
@@ -161,6 +170,7 @@ def build_job(
 
     python = profile.python_command(launch_python)
     folder = submitit_folder(stage_dir)
+    entry = ARRAY_ENTRY if array else "submitit.core._submit"
     srun = ["srun", "--unbuffered", "--output", out, "--error", err]
     container = stage_container(stage, profile)
     prelude: List[str] = []
@@ -168,10 +178,10 @@ def build_job(
     if container is None:
         # ``python`` may be a profile-provided command ("singularity exec ... python"): it is the
         # profile author's shell text, not user input; every other word is quoted.
-        command = f"{shlex.join(srun)} {python} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+        command = f"{shlex.join(srun)} {python} -u -m {entry} {shlex.quote(str(folder))}"
     else:
         inner_python = (container.python or "python").replace("{launch_python}", shlex.quote(launch_python))
-        inner = containermod.inner_command(container, inner_python, ["-u", "-m", "submitit.core._submit", str(folder)])
+        inner = containermod.inner_command(container, inner_python, ["-u", "-m", entry, str(folder)])
         step = containermod.wrap_step(
             container, srun, inner, run_dir=str(run_dir), data_root=str(profile.data_root),
             code_dir=str(run_dir / "code"), stage_dir=str(stage_dir), uses_gpus=res.uses_gpus)
@@ -181,6 +191,9 @@ def build_job(
     env.setdefault("OMP_NUM_THREADS", str(res.cpus_per_task))
     env.setdefault("HPC_JOBS_SIGNAL", profile.signal)  # the runtime ignores it once the stage is done
     env.setdefault("HPC_JOBS_SIGNAL_LEAD_S", str(int(profile.signal_lead_s)))  # RunEnv.stop_cause
+    if array:  # for ARRAY_ENTRY: task = offset + Slurm's index; submitit's timeout count
+        env["HPC_JOBS_ARRAY_OFFSET"] = str(int(array_offset))
+        env["HPC_JOBS_TIMEOUT_MIN"] = str(max(1, res.time_seconds // 60))
     for key in env:
         if not ENV_KEY.match(key):
             raise UserError(f"profile {profile.name}: environment variable name '{key}' is invalid")
@@ -222,6 +235,39 @@ def stage_container(stage: Stage, profile: ClusterProfile) -> Optional[container
 _ENV = None
 
 
+def _bytecode_cache():
+    """The compiled template, kept per user in ``$HPC_JOBS_HOME/cache/templates`` (0700): compiling
+    it costs a launch ~30 ms, loading it ~1 ms. Jinja keys each entry on the template's name and
+    checks its source's checksum and the Python version, so an edited template is compiled again.
+    Without a writable home: no cache (compiled each time)."""
+    import jinja2
+
+    from .profiles import hpc_jobs_home
+
+    class _Cache(jinja2.FileSystemBytecodeCache):
+        def load_bytecode(self, bucket):
+            try:
+                super().load_bytecode(bucket)
+            except Exception:  # unreadable or damaged: compile from the source
+                bucket.reset()
+
+        def dump_bytecode(self, bucket):
+            try:
+                super().dump_bytecode(bucket)
+            except OSError:
+                pass
+
+    folder = hpc_jobs_home() / "cache" / "templates"
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if folder.stat().st_uid != os.getuid():
+            return None  # someone else's folder: never load its bytecode
+        os.chmod(folder, 0o700)
+    except OSError:
+        return None
+    return _Cache(str(folder))
+
+
 def _template():
     global _ENV
     if _ENV is None:
@@ -234,6 +280,7 @@ def _template():
             keep_trailing_newline=True,
             undefined=jinja2.StrictUndefined,
             autoescape=False,
+            bytecode_cache=_bytecode_cache(),
         )
         _ENV.filters["q"] = lambda v: shlex.quote(str(v))
     return _ENV.get_template("sbatch.sh.j2")

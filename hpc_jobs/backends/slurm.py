@@ -5,15 +5,26 @@ in every task, handles the requeue signal, and writes results. We configure it t
 rendered script (the one ``--dry-run`` shows) instead of its own, replace its fixed 0.2 s sleep
 between submissions with a rate limiter (the profile's ``submit_rate``), and submit arrays from the
 same script (submitit would otherwise build a new executor with its own script for arrays).
+
+An array writes no file per task at submission: its script runs this module
+(``python -m hpc_jobs.backends.slurm FOLDER``, :data:`hpc_jobs.render.ARRAY_ENTRY`), which in the
+task makes the task's submitit pickle (``<jobid>_<a>_submitted.pkl``, the same object submitit
+would have written: the stage's ``runner.pkl`` for task ``HPC_JOBS_ARRAY_OFFSET + a``, with
+submitit's timeout count) unless it exists (a requeued task keeps its checkpointed one), then
+hands over to submitit's own entry. Submitting 1,000 tasks is one ``sbatch``, not 1,000 pickles.
+A run launched before this (its script runs ``submitit.core._submit``) gets the pickles at
+submission as before.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
+import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import submitit
 from submitit.core import utils as submitit_utils
@@ -58,6 +69,14 @@ class RenderedScriptExecutor(submitit.SlurmExecutor):
 
     def _num_tasks(self) -> int:
         return self._tasks
+
+    def submit_lazy_array(self) -> str:
+        """One sbatch for a script that runs :data:`~hpc_jobs.render.ARRAY_ENTRY`: each task makes
+        its own pickle when it starts (:func:`task_pickle`); nothing per task is written here.
+        Returns the array's job id."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._throttle()
+        return str(self._submit_command(self._submitit_command_str).job_id)
 
     def submit_array(self, fns: List[Any], indices: Optional[List[int]] = None) -> List[submitit.Job]:  # type: ignore[override]
         """One sbatch for the whole array; the task at Slurm index ``a`` loads
@@ -153,16 +172,21 @@ class SlurmBackend:
                     directives.append(("array", array))
                 if deps:
                     directives += [("dependency", ",".join(d.render() for d in deps)), ("kill-on-invalid-dep", "yes")]
+                env = [tuple(e) for e in template.get("env") or []]
+                if part is not None and any(k == "HPC_JOBS_ARRAY_OFFSET" for k, _ in env):
+                    env = sorted([(k, v) for k, v in env if k != "HPC_JOBS_ARRAY_OFFSET"]
+                                 + [("HPC_JOBS_ARRAY_OFFSET", str(part[0]))])
                 script = str(run.stage_dir(name) / ("job.sbatch" if i == 0 else f"job.chunk{i}.sbatch"))
                 job = rendermod.JobScript(**{**template, "directives": directives, "dependencies": deps,
-                                             "array": array, "script_path": script})
+                                             "array": array, "script_path": script, "env": env})
                 text = rendermod.render(job)
                 atomic_write_text(script, text, mode=0o700, fsync=False)  # rebuilt from run.json
                 folder = rendermod.submitit_folder(run.stage_dir(name))
                 timeout_min = max(1, int(parse_time(rec.time_limit) // 60))
                 try:
                     if part is not None:
-                        runners = [runner.for_task(t) for t in part[1]]
+                        # the tasks make their own pickles; a script from before ARRAY_ENTRY: one per task, here
+                        runners = [] if lazy_array(text) else [runner.for_task(t) for t in part[1]]
                         job_id = self.submit(folder, text, runners, rec.world_size, timeout_min,
                                              array=[t - part[0] for t in part[1]])
                         jobs.append(JobRecord(job_id, script=script, array=array, tasks=list(part[1]), offset=part[0]))
@@ -183,10 +207,12 @@ class SlurmBackend:
 
     def submit(self, folder: Path, script: str, runners: List[Any], num_tasks: int, timeout_min: int,
                array: Optional[List[int]]) -> str:
-        """Submit one job, or one array job whose Slurm indices are ``array`` (one per runner);
-        return its Slurm job id."""
+        """Submit one job, or one array job whose Slurm indices are ``array`` (one per runner, or
+        none when the script runs ARRAY_ENTRY); return its Slurm job id."""
         executor = RenderedScriptExecutor(folder, script, self.limiter, num_tasks, timeout_min)
         try:
+            if array is not None and lazy_array(script):
+                return executor.submit_lazy_array()
             if array is not None:
                 jobs = executor.submit_array(runners, array)
                 return jobs[0].job_id.split("_")[0]
@@ -195,6 +221,53 @@ class SlurmBackend:
             lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
             raise SubmitError(lines[-1] if lines else "sbatch failed without a message") from exc
         return str(job.job_id)
+
+
+def lazy_array(script: str) -> bool:
+    """The script's tasks make their own pickles (it runs ARRAY_ENTRY)."""
+    return f"-m {rendermod.ARRAY_ENTRY} " in script
+
+
+#: submitit's count of time-limit requeues a job may take (RenderedScriptExecutor's max_num_timeout)
+MAX_NUM_TIMEOUT = 3
+
+
+def task_pickle(folder: str, environ: Mapping[str, str] = os.environ) -> Optional[Path]:
+    """In an array task: this task's submitit pickle, written from the stage's ``runner.pkl`` for
+    task ``HPC_JOBS_ARRAY_OFFSET + SLURM_ARRAY_TASK_ID`` unless it exists already (a requeued task
+    finds its first start's, or the one submitit's requeue handler checkpointed). Only rank 0
+    writes it (atomically); the other ranks wait for it in submitit's entry. None: not an array task."""
+    array_job, index = environ.get("SLURM_ARRAY_JOB_ID"), environ.get("SLURM_ARRAY_TASK_ID")
+    if not array_job or index is None:
+        return None
+    target = submitit_utils.JobPaths(folder, job_id=f"{array_job}_{index}").submitted_pickle
+    if target.exists() or environ.get("SLURM_PROCID", "0") != "0":
+        return target
+    from ..runtime import RUNNER_FILE
+
+    with open(Path(folder).parent / RUNNER_FILE, "rb") as fh:
+        runner = pickle.load(fh)
+    delayed = submitit_utils.DelayedSubmission(runner.for_task(int(environ.get("HPC_JOBS_ARRAY_OFFSET") or 0) + int(index)))
+    delayed.set_timeout(int(environ.get("HPC_JOBS_TIMEOUT_MIN") or 0), MAX_NUM_TIMEOUT)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+    with open(tmp, "wb") as fh:
+        pickle.dump(delayed, fh, pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, target)
+    return target
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m hpc_jobs.backends.slurm FOLDER``: an array task's entry (see the module doc)."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m hpc_jobs.backends.slurm SUBMITIT_FOLDER (an array task's entry)", file=sys.stderr)
+        return 2
+    task_pickle(args[0])
+    from submitit.core.submission import process_job
+
+    process_job(args[0])
+    return 0
 
 
 def _submit_failed(run: Any, name: str, jobs: List[JobRecord], exc: Exception) -> None:
@@ -206,3 +279,7 @@ def _submit_failed(run: Any, name: str, jobs: List[JobRecord], exc: Exception) -
     kept = f"stages already queued keep running ({', '.join(submitted)}); " if submitted else "nothing was queued; "
     raise SubmitError(f"sbatch refused stage '{name}': {exc}. {kept}fix the cause, then "
                       f"`python launch.py resume {run.id}` submits the rest") from exc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -127,3 +127,23 @@ def test_launch_path_imports_no_torch(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY []" in proc.stdout, proc.stdout
+
+
+def test_the_compiled_template_is_kept_per_user_and_a_damaged_copy_is_compiled_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("HPC_JOBS_HOME", str(tmp_path))
+    monkeypatch.setattr(render, "_ENV", None)
+    text = _render("generic", _gpu_stage())
+    folder = tmp_path / "cache" / "templates"
+    cached = list(folder.iterdir())
+    assert len(cached) == 1 and (folder.stat().st_mode & 0o777) == 0o700
+    cached[0].write_bytes(b"not bytecode")
+    monkeypatch.setattr(render, "_ENV", None)  # a new process
+    assert _render("generic", _gpu_stage()) == text
+    assert cached[0].read_bytes() != b"not bytecode"  # compiled and written again
+
+
+def test_no_writable_home_renders_without_the_cache(tmp_path, monkeypatch):
+    (tmp_path / "cache").write_text("a file where the cache folder would be")
+    monkeypatch.setenv("HPC_JOBS_HOME", str(tmp_path))
+    monkeypatch.setattr(render, "_ENV", None)
+    assert "#SBATCH --gres" in _render("generic", _gpu_stage())
