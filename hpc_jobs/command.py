@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import List
 
-from .errors import UserError
+from .errors import UserError, command
 from .spec import Pipeline, Resources, Stage
 from .workflow import Workflow, register
 
@@ -107,7 +107,7 @@ class Command(Workflow):
     def build(self) -> Pipeline:
         cfg, opts = self.config, self.options
         if not cfg.command:
-            raise UserError("run: give the command after --, e.g. python launch.py run --gpus 1 -- python train.py --lr 1e-3")
+            raise UserError(f"run: give the command after --, e.g. {command()} run --gpus 1 -- python train.py --lr 1e-3")
         gpus = opts.gpus if opts.gpus_given else 0
         res = Resources(nodes=opts.nodes, gpus_per_node=gpus, tasks_per_node=1, cpus_per_task=max(1, 4 * gpus) if gpus else 1,
                         mem="8G" if gpus else "2G", time="01:00:00")

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from .errors import UserError
+from .errors import UserError, command
 
 SALLOC_KEYS = ("job-name", "comment", "partition", "account", "qos", "constraint", "nodes", "ntasks-per-node",
                "cpus-per-task", "gres", "mem", "time")
@@ -125,7 +125,7 @@ def prepare(req, dreq: DebugRequest, echo: Callable[[str], None] = print) -> Deb
             if found is None:
                 raise UserError(
                     f"stage '{stage.name}' reads outputs of {', '.join(parents)}, and no earlier run of "
-                    f"'{plan.workflow.name}' completed them: launch one first (python launch.py {plan.workflow.name}), "
+                    f"'{plan.workflow.name}' completed them: launch one first ({command()} {plan.workflow.name}), "
                     f"or give --from-run RUN")
             echo(f"debug: the inputs of stage {stage.name} come from run {found.id} (the newest where "
                  f"{', '.join(parents)} completed; --from-run RUN picks another)")
@@ -291,7 +291,7 @@ def execute(dplan: DebugPlan, dreq: DebugRequest, echo: Callable[[str], None] = 
     rec.state, rec.ended, rec.exit_code = state, time.time(), code
     run.save()
     echo(f"debug run {run.id}: stage {dplan.stage} {state} (exit code {code}); "
-         f"python launch.py status {run.id}")
+         f"{command()} status {run.id}")
     return code
 
 
@@ -349,5 +349,5 @@ def inner(argv: Optional[List[str]] = None) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "inner":
         sys.exit(inner(sys.argv[2:]))
-    print("usage: python launch.py debug WORKFLOW --stage STAGE [...]", file=sys.stderr)
+    print(f"usage: {command()} debug WORKFLOW --stage STAGE [...]", file=sys.stderr)
     sys.exit(2)

@@ -5,6 +5,25 @@ one-line message and exits with code 2. The message names the bad value, the rul
 to do instead.
 """
 
+import os
+import sys
+
+
+def command() -> str:
+    """How the user runs hpc-jobs, for the commands that messages suggest: ``hpc-jobs`` (the
+    installed command), ``python -m hpc_jobs`` or ``python launch.py`` (the checkout's, and the
+    default). The command line exports it as HPC_JOBS_COMMAND, so jobs' messages say the same."""
+    given = os.environ.get("HPC_JOBS_COMMAND")
+    if given:
+        return given
+    argv0 = sys.argv[0] if sys.argv else ""
+    name = os.path.basename(argv0)
+    if name == "hpc-jobs":
+        return "hpc-jobs"
+    if name == "__main__.py" and os.path.basename(os.path.dirname(argv0)) == "hpc_jobs":
+        return "python -m hpc_jobs"
+    return "python launch.py"
+
 
 class UserError(Exception):
     """Bad input or environment, detected before anything was submitted (exit code 2)."""

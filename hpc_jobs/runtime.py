@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
-from .errors import StageInputError
+from .errors import StageInputError, command
 from .fsutil import atomic_write_bytes, atomic_write_json, read_json
 from .spec import BestCheckpoint, Input
 
@@ -220,7 +220,7 @@ class StageRunner:
                 raise StageInputError(
                     f"stage '{self.stage}' cannot start: its input '{name}' is the {out.describe()} of stage "
                     f"'{inp.stage}'{which}, and {where / out.directory} holds no complete checkpoint with a "
-                    f"'{out.metric}' metric. Did '{inp.stage}' validate? (python launch.py status {Path(self.run_dir).name})"
+                    f"'{out.metric}' metric. Did '{inp.stage}' validate? ({command()} status {Path(self.run_dir).name})"
                 )
             log.info("input %s: %s of %s%s = %s (%s=%.6g, step %d)", name, out.describe(), inp.stage,
                      f"[{task}]" if task is not None else "", found[0], out.metric, found[1].metrics[out.metric],
@@ -238,12 +238,12 @@ class StageRunner:
                 raise StageInputError(
                     f"stage '{self.stage}' cannot start: its {inp.kind} input '{name}' from stage "
                     f"'{inp.stage}' is not a complete checkpoint ({exc}). Rerun '{inp.stage}' "
-                    f"(python launch.py resume RUN) before this stage."
+                    f"({command()} resume RUN) before this stage."
                 ) from None
         elif not path.exists():
             raise StageInputError(
                 f"stage '{self.stage}' cannot start: input '{name}' ({path}) from stage '{inp.stage}' "
-                f"does not exist. Did '{inp.stage}' complete? (python launch.py status {Path(self.run_dir).name})"
+                f"does not exist. Did '{inp.stage}' complete? ({command()} status {Path(self.run_dir).name})"
             )
 
     # -- running --------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ class StageRunner:
             if env.restart_count > self.max_requeues:
                 raise RequeueLimitError(
                     f"stage '{self.stage}' was requeued {env.restart_count} times (limit {self.max_requeues}): "
-                    f"it keeps being interrupted before it finishes. Read its log (python launch.py logs "
+                    f"it keeps being interrupted before it finishes. Read its log ({command()} logs "
                     f"{Path(self.run_dir).name} {self.stage}), fix the cause, then resume the run"
                 )
             ctx = StageContext(

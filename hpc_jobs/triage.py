@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
+from .errors import command
+
 FAILED_STATES = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
 
 
@@ -84,7 +86,7 @@ def diagnose(facts: Facts) -> Optional[Triage]:
     state = (facts.state or "").upper()
     raw = (facts.raw_state or state).upper()
     lines = [l for l in list(facts.log_tail) + ([facts.error] if facts.error else []) if l]
-    resume = f"python launch.py resume {facts.run}"
+    resume = f"{command()} resume {facts.run}"
     if state not in FAILED_STATES and state != "UNKNOWN":
         return None
 
@@ -128,7 +130,7 @@ def diagnose(facts: Facts) -> Optional[Triage]:
     def dependency():
         if facts.upstream_failed:
             return Triage("dependency", f"never ran: upstream stage '{facts.upstream_failed}' did not complete; fix it "
-                          f"(python launch.py logs {facts.run} {facts.upstream_failed}) and {resume}",
+                          f"({command()} logs {facts.run} {facts.upstream_failed}) and {resume}",
                           f"upstream {facts.upstream_failed}")
         if state == "CANCELLED" and "DEPENDENCY" in (facts.reason or "").upper():
             return Triage("dependency", f"cancelled because a job it depends on failed: fix that stage and {resume}",
@@ -161,7 +163,7 @@ def diagnose(facts: Facts) -> Optional[Triage]:
         m = _find(NCCL, lines)
         if m:
             return Triage("distributed", "a distributed (NCCL/gloo) error or rendezvous failure: check that every rank "
-                          f"started (python launch.py logs {facts.run} {facts.stage} --rank N), then {resume}",
+                          f"started ({command()} logs {facts.run} {facts.stage} --rank N), then {resume}",
                           m.string.strip())
 
     def nan():
@@ -174,7 +176,7 @@ def diagnose(facts: Facts) -> Optional[Triage]:
         if state == "CANCELLED":
             who = raw.split(" BY ", 1)[1] if " BY " in raw else ""
             return Triage("cancelled", f"cancelled{(' by uid ' + who) if who else ''} (scancel or "
-                          f"python launch.py cancel): {resume} to run it again", raw)
+                          f"{command()} cancel): {resume} to run it again", raw)
 
     def preempted():
         if state == "PREEMPTED":
@@ -189,6 +191,6 @@ def diagnose(facts: Facts) -> Optional[Triage]:
             return result
     if state == "FAILED":
         line = facts.error or next((l.strip() for l in reversed(lines) if l.strip()), "")
-        return Triage("error", f"the stage raised an error; read its log (python launch.py logs {facts.run} "
+        return Triage("error", f"the stage raised an error; read its log ({command()} logs {facts.run} "
                       f"{facts.stage}), fix it, then {resume}", line[:200])
     return None

@@ -24,7 +24,7 @@ from types import ModuleType
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Type
 
 from . import config as cfgmod
-from .errors import UserError
+from .errors import UserError, command
 from .spec import Pipeline
 
 _REGISTRY: Dict[str, Type["Workflow"]] = {}
@@ -258,6 +258,11 @@ class Workflow:
     sweep_from: Optional[str] = None
     sweep_metric: Optional[str] = None
     sweep_mode: str = "max"  # "max": the highest metric ranks first; "min" for errors and losses
+    #: import names the stages need that the core does not install (``("torch", "timm")``): a
+    #: launch whose jobs run this Python checks them before anything is written or submitted
+    requires: Tuple[str, ...] = ()
+    #: how to get them, shown when one is missing
+    requires_hint: str = "pip install 'hpc-jobs[workflows]'"
 
     def __init__(self, config: Any, options: LaunchOptions):
         self.config = config
@@ -330,6 +335,18 @@ class Workflow:
         return sources
 
 
+def check_requires(cls: Type[Workflow], python: str) -> None:
+    """One line naming what ``cls.requires`` lacks in this Python, where its jobs will run
+    (``python``) the same interpreter; found without importing (the launch path stays light)."""
+    import importlib.util
+
+    missing = [name for name in cls.requires if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"workflow '{cls.name}' needs {', '.join(missing)}, which {python} lacks and its jobs "
+                        f"run: {cls.requires_hint} (or set the profile's python/container to an environment "
+                        f"that has them)")
+
+
 def register(cls: Type[Workflow]) -> Type[Workflow]:
     """Class decorator: make a workflow findable as ``python launch.py NAME``."""
     if not cls.name:
@@ -374,6 +391,6 @@ def get(name: str) -> Type[Workflow]:
         close = difflib.get_close_matches(name, names, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise UserError(
-            f"unknown workflow '{name}'.{hint} Available: {', '.join(names)} (python launch.py list)"
+            f"unknown workflow '{name}'.{hint} Available: {', '.join(names)} ({command()} list)"
         )
     return _REGISTRY[name]
