@@ -32,13 +32,16 @@ class DemoConfig:
     sleep_s: float = 0.0  # make train slow enough to watch or interrupt
 
 
-def _maybe_fail(ctx) -> None:
-    stage, _, task = ctx.config.fail_once.partition(":")  # "STAGE" or "STAGE:TASK"
+def maybe_fail_once(ctx, spec: str) -> None:
+    """Fault injection for the examples and the tests: ``spec`` "STAGE" or "STAGE:TASK" makes that
+    stage (task) raise on its first attempt only, so a resume completes it."""
+    stage, _, task = spec.partition(":")
     if stage == ctx.stage and (not task or int(task) == ctx.task_index):
         flag = ctx.out_dir / ".failed_once"
         if not flag.exists():
             flag.write_text("1")
-            raise RuntimeError(f"injected failure in stage {ctx.stage} (fail_once)")
+            where = ctx.stage if ctx.task_index is None else f"{ctx.stage} task {ctx.task_index}"
+            raise RuntimeError(f"injected failure in stage {where} (fail_once)")
 
 
 def fetch(ctx):
@@ -49,7 +52,7 @@ def fetch(ctx):
     path = ctx.output("points")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"x": xs, "y": ys}))
-    _maybe_fail(ctx)
+    maybe_fail_once(ctx, ctx.config.fail_once)
     return {"points": len(xs)}
 
 
@@ -62,7 +65,7 @@ def shard(ctx):
     out = ctx.output("stats")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(stats))
-    _maybe_fail(ctx)
+    maybe_fail_once(ctx, ctx.config.fail_once)
     return stats
 
 
@@ -89,7 +92,7 @@ def _train(ctx, state, epochs):
         step += 1
         if ctx.config.sleep_s:
             time.sleep(ctx.config.sleep_s)
-    _maybe_fail(ctx)
+    maybe_fail_once(ctx, ctx.config.fail_once)
     out = ctx.output("checkpoint")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(str(out), {"w": w, "b": b, "step": step, "stats": stats}, step=step, epoch=step, metrics={"w": w, "b": b})
@@ -116,7 +119,7 @@ def evaluate(ctx):
     err = abs(weights["w"] - cfg.slope) + abs(weights["b"] - cfg.intercept)
     result = {"abs_error": err, "w": weights["w"], "b": weights["b"], "steps": state["step"]}
     (ctx.out_dir / "metrics.json").write_text(json.dumps(result))
-    _maybe_fail(ctx)
+    maybe_fail_once(ctx, ctx.config.fail_once)
     return result
 
 

@@ -17,6 +17,7 @@ import random
 from dataclasses import dataclass
 
 from hpc_jobs import BestCheckpoint, Input, Pipeline, Resources, Stage, Workflow, register
+from launchers.demo import maybe_fail_once
 
 
 @dataclass
@@ -32,15 +33,6 @@ class FoldsConfig:
     seed: int = 0
     fail_once: str = ""  # "STAGE" or "STAGE:TASK": fails on its first attempt
     sleep_s: float = 0.0  # slow every epoch down (to watch, cancel or interrupt a task)
-
-
-def _maybe_fail(ctx) -> None:
-    stage, _, task = ctx.config.fail_once.partition(":")
-    if stage == ctx.stage and (not task or int(task) == ctx.task_index):
-        flag = ctx.out_dir / ".failed_once"
-        if not flag.exists():
-            flag.write_text("1")
-            raise RuntimeError(f"injected failure in stage {ctx.stage} task {ctx.task_index} (fail_once)")
 
 
 def fetch(ctx):
@@ -82,7 +74,7 @@ def _train(ctx, w: float, b: float, epochs: int, lr: float, first_step: int):
         ctx.heartbeat(step=step - first_step, total_steps=epochs, loss=val_mse)
         if ctx.config.sleep_s:
             time.sleep(ctx.config.sleep_s)
-    _maybe_fail(ctx)
+    maybe_fail_once(ctx, ctx.config.fail_once)
     return {"fold": k, "w": w, "b": b, "val_mse": _mse(w, b, val), "step": step}
 
 
@@ -109,7 +101,7 @@ def gather(ctx):
     result = {"folds": len(models), "w": w, "b": b, "abs_error": abs(w - cfg.slope) + abs(b - cfg.intercept),
               "steps": [m["step"] for m in models]}
     atomic_write_json(ctx.output("metrics"), result)
-    _maybe_fail(ctx)
+    maybe_fail_once(ctx, ctx.config.fail_once)
     return result
 
 
@@ -127,7 +119,7 @@ def publish(ctx):
 
 def summary(ctx):
     data = json.loads(ctx.inputs["published"].read_text())
-    _maybe_fail(ctx)
+    maybe_fail_once(ctx, ctx.config.fail_once)
     return {"abs_error": data["abs_error"], "folds": data["folds"]}
 
 

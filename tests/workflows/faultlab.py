@@ -29,6 +29,7 @@ from typing import Any, Dict
 
 from hpc_jobs import Input, Pipeline, Resources, Stage, Workflow, register
 from hpc_jobs.errors import UserError
+from launchers.demo import maybe_fail_once
 
 
 @dataclass
@@ -68,14 +69,6 @@ class FaultLabConfig:
                     raise UserError(f"init_from: {exc}") from None
 
 
-def _maybe_fail(ctx) -> None:
-    if ctx.config.fail_once == ctx.stage:
-        flag = ctx.out_dir / ".failed_once"
-        if not flag.exists():
-            flag.write_text("1")
-            raise RuntimeError(f"injected failure in stage {ctx.stage} (fail_once)")
-
-
 def prepare(ctx) -> Dict[str, Any]:
     cfg = ctx.config
     rng = random.Random(cfg.seed)
@@ -85,7 +78,7 @@ def prepare(ctx) -> Dict[str, Any]:
     out = ctx.output("data")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"x": xs, "y": ys}))
-    _maybe_fail(ctx)
+    maybe_fail_once(ctx, ctx.config.fail_once)
     return {"samples": len(xs)}
 
 
@@ -168,7 +161,7 @@ def train(ctx) -> Dict[str, Any]:
         _append(trail, {"event": "start", "restart": restart, "job_id": env.job_id if env else None,
                            "pid": os.getpid(), "from_step": read_manifest(own).step if own else 0,
                            "from": own.name if own else None, "code": __file__})
-    _maybe_fail(ctx)
+    maybe_fail_once(ctx, ctx.config.fail_once)
     task = RegressionTask(cfg, ctx.inputs["data"], trail if rank == 0 else None)
     init = cfg.init_from or None
     try:
@@ -206,7 +199,7 @@ def evaluate(ctx) -> Dict[str, Any]:
         mse = float(torch.mean((pred - torch.tensor(data["y"])) ** 2))
     result = {"mse": mse, "step": read_manifest(ctx.inputs["weights"]).step}
     ctx.output("metrics").write_text(json.dumps(result))
-    _maybe_fail(ctx)
+    maybe_fail_once(ctx, ctx.config.fail_once)
     return result
 
 
