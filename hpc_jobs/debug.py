@@ -211,10 +211,10 @@ def prepare(req, dreq: DebugRequest, echo: Callable[[str], None] = print) -> Deb
         srun = ["srun", *pty, *chdir, "--unbuffered"]
         body = step(srun, inner_cmd)
     jobid_file = stage_dir / "debug.jobid"
-    command = f"echo \"$SLURM_JOB_ID\" > {shlex.quote(str(jobid_file))}\n{body}"
+    script = f"echo \"$SLURM_JOB_ID\" > {shlex.quote(str(jobid_file))}\n{body}"
     directives = [d for d in job.directives if d[0] in SALLOC_KEYS]
     directives = [(k, f"{v}.debug") if k == "job-name" else (k, v) for k, v in directives]
-    debug_job = dataclasses.replace(job, command=command, script_path=str(stage_dir / "debug.sh"),
+    debug_job = dataclasses.replace(job, command=script, script_path=str(stage_dir / "debug.sh"),
                                     directives=directives, array=None, dependencies=[],
                                     prelude=prelude, epilogue=[])
     if dreq.task is not None:  # what an array task sees in the batch job
