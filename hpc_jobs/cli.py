@@ -8,15 +8,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .errors import UserError
+from .errors import UserError, command
 
-COMMANDS = ("list", "run", "status", "logs", "cancel", "resume", "profiles", "debug", "report", "new")
+COMMANDS = ("list", "run", "status", "logs", "cancel", "resume", "profiles", "debug", "report", "new", "completion")
 
 TOP_HELP = """\
 usage: python launch.py WORKFLOW [options]      launch a workflow (python launch.py WORKFLOW --help)
@@ -38,9 +39,10 @@ usage: python launch.py WORKFLOW [options]      launch a workflow (python launch
        python launch.py report RUN              write report.md: stage table, timings, curves, metrics
        python launch.py profiles                the cluster profiles
        python launch.py new WORKFLOW [--dir D]  write D/WORKFLOW.py, a workflow skeleton that launches as it is
+       python launch.py completion bash         a bash completion script: eval "$(hpc-jobs completion bash)"
        python launch.py --version
 
-`hpc-jobs` (the installed command) is the same as `python launch.py`. Workflows come from the
+`hpc-jobs` (the installed command), `python -m hpc_jobs` and a checkout's launch.py are one command. Workflows come from the
 shipped `launchers` package, from HPC_JOBS_LAUNCHERS (packages, modules or .py paths, comma-
 separated) and from installed packages' `hpc_jobs.workflows` entry points.
 
@@ -48,6 +50,18 @@ hpc-jobs renders each stage of a research pipeline as an sbatch script, submits 
 dependencies through submitit and hands checkpoints from stage to stage. With no Slurm on the
 machine the same pipeline runs locally. RUN is a run id, a run directory, or 'last'.
 """
+
+
+def top_help() -> str:
+    """TOP_HELP in the words of the command the user ran (``hpc-jobs`` or ``python launch.py``)."""
+    prog, lines = command(), []
+    for line in TOP_HELP.splitlines():
+        m = re.match(r"^(usage: |       )python launch\.py(.*?)(?:\s{2,}(\S.*))?$", line)
+        if m:
+            head = m.group(1) + prog + m.group(2)
+            line = (head.ljust(47) + " " + m.group(3) if m.group(3) else head).replace("python launch.py", prog)
+        lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def _echo(line: str) -> None:
@@ -61,7 +75,7 @@ def launch_parser(workflow: str, summary: str = "", keys: Optional[List[str]] = 
         epilog = ("config keys (--set KEY=VALUE; --show-config shows the resolved values and where each comes from):\n  "
                   + "\n  ".join(keys))
     p = argparse.ArgumentParser(
-        prog=f"python launch.py {workflow}",
+        prog=f"{command()} {workflow}",
         description=summary or f"Launch the {workflow} workflow.",
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -164,13 +178,13 @@ def cmd_run(argv: List[str]) -> int:
     if "--" not in argv:
         if any(a in ("-h", "--help") for a in argv):
             return cmd_launch("run", argv)
-        raise UserError("run: give the command after --, e.g. python launch.py run --gpus 1 --time 04:00:00 "
+        raise UserError(f"run: give the command after --, e.g. {command()} run --gpus 1 --time 04:00:00 "
                         "-- python train.py --lr 1e-3")
     cut = argv.index("--")
-    options, command = argv[:cut], argv[cut + 1:]
-    if not command:
+    options, wrapped = argv[:cut], argv[cut + 1:]
+    if not wrapped:
         raise UserError("run: nothing after --: give the command to run, e.g. -- python train.py")
-    return cmd_launch("run", options, extra_overrides={"command": command, "workdir": os.getcwd()},
+    return cmd_launch("run", options, extra_overrides={"command": wrapped, "workdir": os.getcwd()},
                       shown_argv=argv)
 
 
@@ -262,8 +276,9 @@ def _print_launch(result) -> None:
     _table(["stage", "job", "after", "state", "result"], rows)
     if run.record.get("sweep") and states:
         _console().print(render_sweep(run.record["sweep"], states))
-    print(f"\nnext: python launch.py status {run.id}   |   python launch.py logs {run.id} STAGE -f"
-          f"   |   python launch.py cancel {run.id}   |   python launch.py resume {run.id}")
+    prog = command()
+    print(f"\nnext: {prog} status {run.id}   |   {prog} logs {run.id} STAGE -f"
+          f"   |   {prog} cancel {run.id}   |   {prog} resume {run.id}")
 
 
 def _fmt_result(result: Any) -> str:
@@ -327,7 +342,7 @@ def _follow(run) -> int:
 def cmd_list(argv: List[str]) -> int:
     from . import workflow as wfmod
 
-    argparse.ArgumentParser(prog="python launch.py list", description="List the workflows and where each comes from "
+    argparse.ArgumentParser(prog=f"{command()} list", description="List the workflows and where each comes from "
                             "(shipped, HPC_JOBS_LAUNCHERS, or an installed distribution's entry point).").parse_args(argv)
     workflows = wfmod.discover()
     width = max((len(n) for n in workflows), default=0)
@@ -340,7 +355,7 @@ def cmd_list(argv: List[str]) -> int:
 def cmd_new(argv: List[str]) -> int:
     from .scaffold import write
 
-    p = argparse.ArgumentParser(prog="python launch.py new",
+    p = argparse.ArgumentParser(prog=f"{command()} new",
                                 description="Write DIR/WORKFLOW.py: a config dataclass, three stages with an init "
                                             "handoff and a tiny preset, ready to launch (docs/writing-a-workflow.md).")
     p.add_argument("workflow", help="the new workflow's name (also its module's): lower-case letters, digits, _")
@@ -354,10 +369,23 @@ def cmd_new(argv: List[str]) -> int:
     return 0
 
 
+def cmd_completion(argv: List[str]) -> int:
+    from .completion import BASH
+
+    p = argparse.ArgumentParser(prog=f"{command()} completion", description=(
+        "Print a shell completion script (workflows, sub-commands, run ids, stages, options, config "
+        "keys). bash: eval \"$(hpc-jobs completion bash)\" in ~/.bashrc; zsh: autoload bashcompinit && "
+        "bashcompinit first."))
+    p.add_argument("shell", choices=["bash"])
+    p.parse_args(argv)
+    print(BASH, end="")
+    return 0
+
+
 def cmd_profiles(argv: List[str]) -> int:
     from . import profiles
 
-    argparse.ArgumentParser(prog="python launch.py profiles").parse_args(argv)
+    argparse.ArgumentParser(prog=f"{command()} profiles").parse_args(argv)
     detected = profiles.detect()
     for name, path in profiles.available().items():
         mark = "*" if name == detected else " "
@@ -657,7 +685,7 @@ def watch(run, interval: float = 5.0, as_json: bool = False, max_s: Optional[flo
                 return _run_exit(states)
             time.sleep(interval)
     except KeyboardInterrupt:
-        print(f"stopped watching; the run goes on (python launch.py status {run.id})", file=sys.stderr)
+        print(f"stopped watching; the run goes on ({command()} status {run.id})", file=sys.stderr)
         return 0
 
 
@@ -666,7 +694,7 @@ def cmd_status(argv: List[str]) -> int:
     from .ledger import find_run, recent_runs
     from .status import run_job_ids, stage_states
 
-    p = argparse.ArgumentParser(prog="python launch.py status",
+    p = argparse.ArgumentParser(prog=f"{command()} status",
                                 description="Stage states, progress and failures of a run.")
     p.add_argument("run", nargs="?", help="run id, run directory or 'last' (default: list recent runs)")
     p.add_argument("stage", nargs="?", help="a stage: list its array tasks (state, job, node, progress, metrics)")
@@ -679,7 +707,7 @@ def cmd_status(argv: List[str]) -> int:
     if not args.run:
         runs = recent_runs(10)
         if not runs and not args.json:
-            print("no runs yet: python launch.py list, then python launch.py WORKFLOW")
+            print(f"no runs yet: {command()} list, then {command()} WORKFLOW")
             return 0
         ids = [i for r in runs for i in run_job_ids(r)]
         from . import slurm
@@ -790,7 +818,7 @@ def cmd_logs(argv: List[str]) -> int:
     from .ledger import find_run
     from .status import ACTIVE_LIKE, log_attempts, log_files, read_range, stage_states, tail_lines
 
-    p = argparse.ArgumentParser(prog="python launch.py logs", description="Print or follow a stage's log.")
+    p = argparse.ArgumentParser(prog=f"{command()} logs", description="Print or follow a stage's log.")
     p.add_argument("run")
     p.add_argument("stage", nargs="?", help="default: the last stage that started")
     p.add_argument("--task", type=int, help="array task index (default: every task; with --attempt: task 0)")
@@ -847,7 +875,7 @@ def cmd_logs(argv: List[str]) -> int:
 
     positions: Dict[str, int] = {}
     if not files and not args.follow:
-        raise UserError(f"run {run.id}: stage '{stage}' has no log yet (python launch.py status {run.id}, "
+        raise UserError(f"run {run.id}: stage '{stage}' has no log yet ({command()} status {run.id}, "
                         f"or logs -f to wait for it)")
     if slurm_stage and args.attempt is None:
         task = args.task if args.task is not None or not rec.array else 0
@@ -891,15 +919,15 @@ def cmd_debug(argv: List[str]) -> int:
     from .debug import DebugRequest, execute, prepare
 
     if not argv or argv[0] in ("-h", "--help"):
-        print(DEBUG_USAGE)
+        print(DEBUG_USAGE.replace("usage: python launch.py", f"usage: {command()}"))
         return 0 if argv else 2
     workflow, rest = argv[0], argv[1:]
     if workflow.startswith("-"):
-        raise UserError("debug: name the workflow first: python launch.py debug WORKFLOW --stage STAGE")
+        raise UserError(f"debug: name the workflow first: {command()} debug WORKFLOW --stage STAGE")
     wf = wfmod.get(workflow)
     parser = launch_parser(workflow, wf.summary, wf.config_keys(), wf.presets)
-    parser.prog = f"python launch.py debug {workflow}"
-    parser.description = f"Run one stage of {workflow} interactively (see python launch.py debug --help)."
+    parser.prog = f"{command()} debug {workflow}"
+    parser.description = f"Run one stage of {workflow} interactively (see {command()} debug --help)."
     parser.add_argument("--stage", required=True, help="the stage to run")
     parser.add_argument("--from-run", metavar="RUN", help="reuse this run's upstream outputs (needed when the stage has inputs)")
     parser.add_argument("--task", type=int, help="array task to run (default 0)")
@@ -929,7 +957,7 @@ def cmd_report(argv: List[str]) -> int:
     from .ledger import find_run
     from .report import collect, write_report
 
-    p = argparse.ArgumentParser(prog="python launch.py report",
+    p = argparse.ArgumentParser(prog=f"{command()} report",
                                 description="Write one page about a run: stage table, timings, curves, final metrics.")
     p.add_argument("run")
     p.add_argument("--format", choices=("md", "html"), default="md")
@@ -949,7 +977,7 @@ def cmd_cancel(argv: List[str]) -> int:
     from .ledger import find_run
     from .status import cancel
 
-    p = argparse.ArgumentParser(prog="python launch.py cancel", description="Cancel a run's jobs (or some stages', or one task's).")
+    p = argparse.ArgumentParser(prog=f"{command()} cancel", description="Cancel a run's jobs (or some stages', or one task's).")
     p.add_argument("run")
     p.add_argument("stages", nargs="*")
     p.add_argument("--task", type=int, metavar="I", help="only task I of the (one) array stage named")
@@ -958,7 +986,7 @@ def cmd_cancel(argv: List[str]) -> int:
     for name in args.stages:
         run.stage(name)
     if args.task is not None and len(args.stages) != 1:
-        raise UserError("--task needs exactly one stage: python launch.py cancel RUN STAGE --task I")
+        raise UserError(f"--task needs exactly one stage: {command()} cancel RUN STAGE --task I")
     with run.lock("cancel"):
         ids = cancel(run, args.stages or None, task=args.task)
     print(f"cancelled {len(ids)} job(s) of run {run.id}: {' '.join(ids) or '(none submitted)'}")
@@ -969,7 +997,7 @@ def cmd_resume(argv: List[str]) -> int:
     from .launch import resume
     from .ledger import find_run
 
-    p = argparse.ArgumentParser(prog="python launch.py resume",
+    p = argparse.ArgumentParser(prog=f"{command()} resume",
                                 description="Run login steps whose parents completed; else resubmit the stage tasks "
                                             "that did not complete (only those tasks of an array), and what depends on them.")
     p.add_argument("run")
@@ -997,23 +1025,28 @@ def cmd_resume(argv: List[str]) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        os.environ.setdefault("HPC_JOBS_COMMAND", command())  # jobs' messages name the same command
         if not argv or argv[0] in ("-h", "--help", "help"):
-            print(TOP_HELP)
+            print(top_help())
             return 0 if argv else 2
         if argv[0] in ("--version", "-V"):
             from . import __version__
 
             print(f"hpc-jobs {__version__}")
             return 0
-        command, rest = argv[0], argv[1:]
+        sub, rest = argv[0], argv[1:]
+        if sub == "__complete":  # the shell asking for candidates (hpc_jobs/completion.py)
+            from .completion import main as complete
+
+            return complete(rest)
         handlers = {"list": cmd_list, "run": cmd_run, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
                     "resume": cmd_resume, "profiles": cmd_profiles, "debug": cmd_debug, "report": cmd_report,
-                    "new": cmd_new}
-        if command in handlers:
-            return handlers[command](rest)
-        if command.startswith("-"):
-            raise UserError(f"'{command}' is an option, but a workflow or command must come first (python launch.py list)")
-        return cmd_launch(command, rest)
+                    "new": cmd_new, "completion": cmd_completion}
+        if sub in handlers:
+            return handlers[sub](rest)
+        if sub.startswith("-"):
+            raise UserError(f"'{sub}' is an option, but a workflow or command must come first ({command()} list)")
+        return cmd_launch(sub, rest)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -109,6 +109,9 @@ def make_plan(req: LaunchRequest) -> Plan:
     from .container import apply_cli_container
 
     apply_cli_container(pipeline, opts)  # --container IMAGE: every batch stage runs in that image
+    if ("{launch_python}" in profile.python and not (profile.container or {}).get("image")
+            and all(stage.container is None for stage in pipeline)):
+        wfmod.check_requires(wf_cls, sys.executable)  # the jobs run this Python: it must have what they import
     place_login_steps(pipeline, profile)
 
     sweep = sweepmod.parse(req.sweep)

@@ -385,6 +385,7 @@ class Diving(Workflow):
     summary = "DeepSports/MTL-AQA dive scoring, TimeSformer: download -> prepare frames -> train (DDP) -> Spearman eval"
     Config = DivingConfig
     presets = PRESETS
+    requires = ("torch", "timm", "einops", "cv2", "scipy", "torchsort")
     default_preset = "tiny"  # the generated data set
     data_key, real_data_preset = "root_dir", "paper"  # real data: the seed's settings
     # --sweep learning_rate=1e-3,3e-4: download and prepare run once, train -> eval once per point

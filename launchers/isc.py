@@ -657,6 +657,7 @@ class Isc(Workflow):
                "extract -> DBA/NES/faiss post-process -> uAP")
     Config = IscConfig
     presets = PRESETS
+    requires = ("torch", "timm", "faiss", "cv2", "h5py")
     default_preset = "tiny"  # the generated data set
     data_key, real_data_preset = "data.root", "paper"  # real data: the seed's settings
 

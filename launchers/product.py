@@ -800,6 +800,7 @@ class Product(Workflow):
                "(arrays), login-node download, ArcFace x2 -> XBM x3 by best checkpoint, mAP@1000")
     Config = ProductConfig
     presets = PRESETS
+    requires = ("torch", "timm", "faiss", "cv2")
     default_preset = "tiny"  # the generated data set
     data_key, real_data_preset = "data.root", "paper"  # real data: the seed's settings
 

@@ -616,6 +616,7 @@ class Sensorium(Workflow):
                "predictions per split -> ensemble, per-neuron correlation")
     Config = SensoriumConfig
     presets = PRESETS
+    requires = ("torch", "numpy", "scipy")
     default_preset = "tiny"  # the generated data set
     data_key, real_data_preset = "data.root", "paper"  # real data: the seed's settings
 

@@ -601,6 +601,7 @@ class Vsc(Workflow):
                "resized at each handoff) -> frame descriptors -> kNN + localisation -> segment AP")
     Config = VscConfig
     presets = PRESETS
+    requires = ("torch", "timm", "deepspeed", "cv2", "h5py")
     default_preset = "tiny"  # the generated data set
     data_key, real_data_preset = "data.root", "paper"  # real data: the seed's settings
 

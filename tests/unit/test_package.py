@@ -97,6 +97,20 @@ def test_demo_runs_locally_from_the_wheel_without_torch(pkg):
     assert ckpt.read_bytes().startswith(PLAIN_HEADER)  # save_checkpoint without torch
     status = pkg.hpc("status", "wheel-demo", "--json").stdout
     assert '"COMPLETED"' in status
+    assert "next: hpc-jobs status wheel-demo" in out, out  # hints name the command that was run
+
+
+def test_a_research_workflow_on_the_core_alone_says_what_to_install_before_anything_runs(pkg):
+    proc = pkg.hpc("diving", "--cluster", "local", "--run-name", "no-torch", check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: workflow 'diving' needs torch, timm, einops, cv2, scipy, torchsort, which "), proc.stderr
+    assert "pip install 'hpc-jobs[workflows]'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (Path(pkg.env["HPC_JOBS_HOME"]) / "runs" / "diving" / "no-torch").exists()
+    # jobs that run another environment (a container here) are not judged by this Python
+    image = Path(pkg.env["HPC_JOBS_HOME"]).parent / "ml.sif"
+    image.write_bytes(b"")  # only its path is read by a dry run
+    dry = pkg.hpc("diving", "--cluster", "local", "--container", str(image), "--dry-run", check=False)
+    assert dry.returncode == 0 and "dry run: scripts written under" in dry.stdout, dry.stdout + dry.stderr
 
 
 def test_dry_run_with_a_shipped_profile(pkg):
