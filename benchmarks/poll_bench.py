@@ -1,18 +1,20 @@
-"""Polling: scheduler calls per hour with 1, 50 and 500 jobs, the hpc-jobs poller against plain
+"""Polling: scheduler calls per hour with 1, 50 and 500 jobs, hpc-jobs' ``status`` against plain
 submitit's watcher (the measurement behind docs/monitoring.md).
 
-It submits the SAME held job arrays (1, 50, 500 tasks) through plain submitit, then counts the
-``sacct``/``squeue`` calls (a counting shim on PATH) that submitit's own watcher
-(``SlurmInfoWatcher``, what ``job.done()``/``job.state``/``job.result()`` use) and the hpc-jobs
-poller make while they watch those jobs, for three ways of watching:
+It submits held job arrays (1, 50, 500 tasks) as hpc-jobs runs, then counts the ``sacct``/``squeue``
+calls (a counting shim on PATH) that submitit's own watcher (``SlurmInfoWatcher``, what
+``job.done()``/``job.state``/``job.result()`` use) and ``python launch.py status RUN`` (its
+``hpc_jobs.status.stage_states``: the shared poller plus the jobs' own marker files) make while
+they watch the SAME jobs, for three ways of watching:
 
 - A: one long-lived watcher polling every second;
 - B: a fresh process every 10 s (``watch -n 10``, cron, a notebook cell);
 - C: three terminals watching at once, every second.
 
 Time is simulated (a fake clock drives both tools' timers over one hour); every counted call is a
-real call to the cluster. ``--real-seconds S`` also measures pattern A in real time for S seconds,
-scaled to an hour. The jobs are held and cancelled at the end: none runs.
+real call to the cluster (or, with ``--replay``, its first real answer again). ``--real-seconds S``
+also measures pattern A in real time for S seconds, scaled to an hour. The jobs are held and
+cancelled at the end: none runs.
 
     python -m benchmarks.poll_bench [--real-seconds S] [--no-simulation] [--patterns ABC]
 
@@ -113,15 +115,6 @@ class FakeTime:
         self.t += s
 
 
-def _submit_with_submitit(folder: Path, n: int) -> List:
-    import submitit
-
-    ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
-    ex.update_parameters(timeout_min=5, slurm_partition="batch", slurm_additional_parameters={"hold": True},
-                         slurm_job_name="hj-measure")
-    return ex.map_array(abs, range(n)) if n > 1 else [ex.submit(abs, 1)]
-
-
 def _wait_for_accounting(array_ids: List[str], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -133,60 +126,96 @@ def _wait_for_accounting(array_ids: List[str], timeout: float = 60.0) -> None:
     raise RuntimeError(f"sacct does not list the held arrays {array_ids} after {timeout:.0f} s")
 
 
+def _launch_held(n: int, home: Path):
+    """A held hpc-jobs run: one stage, an array of ``n`` no-op tasks (the benchmarks' bench_array)."""
+    from benchmarks.submit_bench import held
+    from hpc_jobs.launch import LaunchRequest, launch
+
+    os.environ["HPC_JOBS_HOME"] = str(home)
+    with held(home / "held-sbatch"):
+        result = launch(LaunchRequest(workflow="bench_array", cluster="devcluster", overrides={"tasks": n},
+                                      run_name=f"watch-{n}"), echo=lambda s: None)
+    return result.run
+
+
+class _Watcher:
+    """What ``python launch.py status RUN`` does on every read (``status.stage_states``), with the
+    poller's timers on ``clock``; ``fresh_process``: a new poller and run object per read."""
+
+    def __init__(self, run, home: Path, settings, clock: FakeTime) -> None:
+        self.run, self.home, self.settings, self.clock = run, home, settings, clock
+
+    def read(self, fresh_process: bool = False) -> None:
+        from hpc_jobs import poller, status
+        from hpc_jobs.ledger import Run
+
+        os.environ["HPC_JOBS_HOME"] = str(self.home)  # this watcher's own cache
+        path = poller.default_cache_path()
+        if fresh_process or poller._DEFAULT is None or poller._DEFAULT.path != path:
+            poller._DEFAULT = poller.Poller(path, self.settings, clock=self.clock.time)
+        run = Run(self.run.dir) if fresh_process else self.run
+        status.stage_states(run, triage=False, now=self.clock.time())
+
+
 def measure(real_seconds: float = 0.0, simulate: bool = True, patterns: str = "ABC",
             sizes: Sequence[int] = SIZES, work: Optional[Path] = None,
             replay: bool = False) -> Dict[str, Dict[int, float]]:
     """``{"submitit A": {1: calls, 50: calls, 500: calls}, "hpc-jobs A": {...}, ...}``: scheduler
-    calls per hour. The poller runs with its shipped settings (``PollerConfig()``, whatever
-    ``HPC_JOBS_POLL_*`` say). ``replay``: during the simulated hour, a query repeated with the
-    same arguments gets its first (real) answer again (the held jobs cannot change): the same
-    counts, minutes faster; the real-time window always asks the cluster."""
+    calls per hour. The same held arrays (submitted by hpc-jobs) are watched by submitit's own
+    watcher and by ``status`` (``hpc_jobs.status.stage_states``: the poller with its shipped
+    settings, ``PollerConfig()`` / ``HPC_JOBS_POLL_*``, plus the jobs' own files). ``replay``:
+    during the simulated hour, a query repeated with the same arguments gets its first (real)
+    answer again (the held jobs cannot change): the same counts, minutes faster; the real-time
+    window always asks the cluster."""
     import submitit.core.core as sub_core
     from submitit.slurm.slurm import SlurmInfoWatcher
 
-    from hpc_jobs.poller import Poller, PollerConfig
+    from hpc_jobs import poller as pollermod
+    from hpc_jobs.poller import PollerConfig
 
     work = (Path(work) if work else Path(tempfile.gettempdir())) / f"hpcjobs-measure-{uuid.uuid4().hex[:6]}"
     shim = make_shim(work / "shim", replay=replay)
     count = work / "calls.log"
-    saved_env = {k: os.environ.get(k) for k in ("PATH", "HJ_COUNT", "HJ_CALLER")}
-    settings = PollerConfig()
-    jobs: Dict[int, List] = {}
+    saved_env = {k: os.environ.get(k) for k in ("PATH", "HJ_COUNT", "HJ_CALLER", "HPC_JOBS_HOME")}
+    saved_default = pollermod._DEFAULT
+    settings = PollerConfig.from_env()
+    runs: Dict[int, object] = {}
+    ids: Dict[int, List[str]] = {}
     results: Dict[str, Dict[int, float]] = {}
     real_time = sub_core._time
     try:
         for n in sizes:
-            jobs[n] = _submit_with_submitit(work / f"sub{n}", n)
+            runs[n] = _launch_held(n, work / f"launch-{n}")
+            ids[n] = [f"{runs[n].stage('tasks').job_ids()[0]}_{i}" for i in range(n)]
         # let sacct see them: the lag right after submission (a refresh then costs sacct + squeue)
         # is not what we measure
-        _wait_for_accounting([jobs[n][0].job_id.split("_")[0] for n in sizes])
+        _wait_for_accounting([ids[n][0].split("_")[0] for n in sizes])
         os.environ["PATH"] = f"{shim}{os.pathsep}{os.environ['PATH']}"
         os.environ["HJ_COUNT"] = str(count)
         for n in sizes if simulate else ():
-            ids = [j.job_id for j in jobs[n]]
             for pattern in patterns:
                 clock = FakeTime()
                 sub_core._time = clock  # submitit's watcher reads time through this module attribute
-                watchers = [SlurmInfoWatcher(delay_s=600) for _ in range(3 if pattern == "C" else 1)]
-                pollers = [Poller(work / f"cache-{n}-{pattern}.json", settings, clock=clock.time)
-                           for _ in range(3 if pattern == "C" else 1)]
+                k = 3 if pattern == "C" else 1
+                watchers = [SlurmInfoWatcher(delay_s=600) for _ in range(k)]
+                ours = [_Watcher(runs[n], work / f"home-{n}-{pattern}", settings, clock) for _ in range(k)]
+                pollermod._DEFAULT = None
                 for w in watchers:
-                    for jid in ids:
+                    for jid in ids[n]:
                         w.register_job(jid)
                 step = 10.0 if pattern == "B" else 1.0
                 end = clock.t + 3600
                 while clock.t < end:
-                    for k, w in enumerate(watchers):
+                    for w, mine in zip(watchers, ours):
                         if pattern == "B":  # a fresh process: a fresh watcher, as after `import submitit`
                             w = SlurmInfoWatcher(delay_s=600)
-                            for jid in ids:
+                            for jid in ids[n]:
                                 w.register_job(jid)
                         os.environ["HJ_CALLER"] = f"submitit-{pattern}-{n}"
-                        for jid in ids:  # `all(j.done() for j in jobs)` (done() asks the shared watcher)
+                        for jid in ids[n]:  # `all(j.done() for j in jobs)` (done() asks the shared watcher)
                             w.is_done(jid, mode="standard")
                         os.environ["HJ_CALLER"] = f"hpcjobs-{pattern}-{n}"
-                        p = Poller(pollers[k].path, settings, clock=clock.time) if pattern == "B" else pollers[k]
-                        p.query(ids)
+                        mine.read(fresh_process=pattern == "B")
                     clock.sleep(step)
                 counts = count_calls(count)
                 results.setdefault(f"submitit {pattern}", {})[n] = counts.get(f"submitit-{pattern}-{n}", 0)
@@ -196,17 +225,20 @@ def measure(real_seconds: float = 0.0, simulate: bool = True, patterns: str = "A
             make_shim(work / "shim")  # every call to the cluster
             watchers = {n: SlurmInfoWatcher(delay_s=600) for n in sizes}
             for n in sizes:  # as constructing or unpickling submitit Job objects does
-                for job in jobs[n]:
-                    watchers[n].register_job(job.job_id)
-            pollers = {n: Poller(work / f"cache-real-{n}.json", settings) for n in sizes}
+                for jid in ids[n]:
+                    watchers[n].register_job(jid)
+            ours = {n: _Watcher(runs[n], work / f"home-real-{n}", settings, FakeTime()) for n in sizes}
+            for mine in ours.values():
+                mine.clock.time = time.time  # real time
             end = time.time() + real_seconds
             while time.time() < end:
                 for n in sizes:
                     os.environ["HJ_CALLER"] = f"submitit-real-{n}"
-                    for job in jobs[n]:
-                        watchers[n].is_done(job.job_id, mode="standard")
+                    for jid in ids[n]:
+                        watchers[n].is_done(jid, mode="standard")
                     os.environ["HJ_CALLER"] = f"hpcjobs-real-{n}"
-                    pollers[n].query([job.job_id for job in jobs[n]])
+                    pollermod._DEFAULT = None
+                    ours[n].read()
                 time.sleep(1)
             counts = count_calls(count)
             scale = 3600.0 / real_seconds
@@ -215,8 +247,9 @@ def measure(real_seconds: float = 0.0, simulate: bool = True, patterns: str = "A
                 results.setdefault("hpc-jobs real", {})[n] = round(counts.get(f"hpcjobs-real-{n}", 0) * scale, 1)
     finally:
         sub_core._time = real_time
-        for n, submitted in jobs.items():
-            run("scancel", submitted[0].job_id.split("_")[0])
+        pollermod._DEFAULT = saved_default
+        for n in runs:
+            run("scancel", ids[n][0].split("_")[0])
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -231,7 +264,7 @@ def table(results: Dict[str, Dict[int, float]], real_seconds: float = 0.0, repla
     sizes = sorted({n for row in results.values() for n in row})
     head = " / ".join(str(n) for n in sizes)
     lines = [f"### polling: scheduler calls per hour (sacct + squeue), the same held arrays of {head} jobs", "",
-             f"| watching pattern | plain submitit (baseline), {head} jobs | hpc-jobs poller, {head} jobs "
+             f"| watching pattern | plain submitit (baseline), {head} jobs | hpc-jobs `status`, {head} jobs "
              f"| ratio hpc-jobs / submitit |", "|---|---|---|---|"]
     keys = [k for k in PATTERNS if f"submitit {k}" in results]
     if "submitit real" in results:
@@ -242,8 +275,11 @@ def table(results: Dict[str, Dict[int, float]], real_seconds: float = 0.0, repla
         ratio = " / ".join(f"{ours[n] / sub[n]:.2f}x" if sub[n] else "-" for n in sizes)
         lines.append(f"| {label} | {' / '.join(f'{sub[n]:g}' for n in sizes)} | "
                      f"{' / '.join(f'{ours[n]:g}' for n in sizes)} | {ratio} |")
-    note = ["Both tools watch the same held jobs side by side; a counting shim on PATH counts every call; the "
-            "poller runs with its shipped settings (2 s minimum, 30 s maximum interval)."]
+    note = ["Both tools watch the same held jobs side by side (submitted as hpc-jobs runs); a counting shim on "
+            "PATH counts every call; hpc-jobs is what `status RUN` runs on each read (the shared poller with its "
+            "shipped settings: 2 s minimum, 30 s maximum and 600 s quiet interval, plus the jobs' own files: "
+            "pending jobs report their own start, so status asks the scheduler every 600 s, for changes from "
+            "outside)."]
     if any(k in PATTERNS for k in keys):
         note.append("The patterns A-C run for an hour on a simulated clock (both tools' timers read it), so a "
                     "run gives the same counts every time (one repetition);")

@@ -598,20 +598,29 @@ def _short_progress(st) -> str:
 
 
 def render_tasks(run, st):
-    """``status RUN STAGE``: one row per task of an array stage (or the stage itself)."""
-    from rich import box
-    from rich.table import Table
+    """``status RUN STAGE``: one row per task of an array stage (or the stage itself). Laid out
+    here as one styled text (a rich Table measures every cell: seconds for a 1,000-task array)."""
     from rich.text import Text
 
     title = f"run {run.id}, stage {st.name}: {st.state}" + (f" ({st.task_counts})" if st.task_list else "")
-    table = Table(title=Text(title), title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("task", "state", "job", "node", "elapsed", "progress", "last metric", "best"):
-        table.add_column(col, overflow="fold")
+    header = ("task", "state", "job", "node", "elapsed", "progress", "last metric", "best")
+    rows = []
     for t in st.task_list:
         note = t.metric or (_fmt_result(t.result) if t.result and t.state == "COMPLETED" else "") or (t.error[:60] if t.error else "")
-        table.add_row(Text(str(t.index)), Text(t.state, style=STATE_STYLE.get(t.state, "")), Text(t.job_id or "-"),
-                      Text(t.node or "-"), Text(t.elapsed or "-"), Text(progress_cell(t)), Text(note), Text(t.best or "-"))
-    return table
+        rows.append((str(t.index), t.state, t.job_id or "-", t.node or "-", t.elapsed or "-", progress_cell(t), note,
+                     t.best or "-"))
+    widths = [max(len(c) for c in col) for col in zip(header, *rows)]
+    out = Text(no_wrap=True, overflow="ignore")
+    out.append(title + "\n\n")
+    out.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip() + "\n", style="bold")
+    out.append("  ".join("─" * w for w in widths) + "\n")
+    for row in rows:
+        for i, (cell, w) in enumerate(zip(row, widths)):
+            if i:
+                out.append("  ")
+            out.append(cell.ljust(w) if i < len(row) - 1 else cell, style=STATE_STYLE.get(cell, "") if i == 1 else "")
+        out.append("\n")
+    return out
 
 
 def _console(file=None):

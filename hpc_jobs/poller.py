@@ -25,11 +25,19 @@ at most once per interval, with all the watched jobs in one call:
   RUNNING) and :func:`invalidate` resets the backoff (call it after a submission, cancel or
   resume); both still wait ``min_interval_s`` since the last call. Ids never asked before are
   asked at the next call after ``min_interval_s`` too.
+* **Quiet: the jobs report themselves.** A caller that can see every watched job in its own
+  files (:mod:`hpc_jobs.status`: a pending job's start, a running job's end, failure or requeue
+  are written by the job into its marker and attempt log, and ``status`` shows them from there at
+  once) asks with ``quiet=True``; the scheduler is then asked only every ``quiet_interval_s``
+  (600 s, submitit's own longest interval), for what no job can report: an admin's ``scancel``,
+  a job that died before it could write. New ids, :func:`invalidate` and ``urgent`` reads still
+  ask after ``min_interval_s``, and one loud reader (any process) refreshes the shared answer for
+  every reader.
 * **Unknown is not dead.** A job missing from the answers is UNKNOWN; the stage's marker file then
   tells how it ended (:mod:`hpc_jobs.status`).
 
-Settings: ``HPC_JOBS_POLL_MIN_S`` (default 2), ``HPC_JOBS_POLL_MAX_S`` (default 30), or a
-:class:`PollerConfig` passed to :class:`Poller`.
+Settings: ``HPC_JOBS_POLL_MIN_S`` (default 2), ``HPC_JOBS_POLL_MAX_S`` (default 30),
+``HPC_JOBS_POLL_QUIET_S`` (default 600), or a :class:`PollerConfig` passed to :class:`Poller`.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ CACHE_VERSION = 1
 class PollerConfig:
     min_interval_s: float = 2.0  # right after a change / submission / invalidate
     max_interval_s: float = 30.0  # steady state: at most one call per this many seconds
+    quiet_interval_s: float = 600.0  # every watched job reports itself (quiet=True): one call per this
     settle_s: float = 120.0  # keep asking about a finished job this long (a NODE_FAIL can be requeued)
     forget_s: float = 7 * 86400.0  # drop cached answers older than this
     unwatch_s: float = 86400.0  # stop asking about ids nobody asked about for this long
@@ -64,7 +73,8 @@ class PollerConfig:
     @classmethod
     def from_env(cls) -> "PollerConfig":
         cfg = cls()
-        for attr, var in (("min_interval_s", "HPC_JOBS_POLL_MIN_S"), ("max_interval_s", "HPC_JOBS_POLL_MAX_S")):
+        for attr, var in (("min_interval_s", "HPC_JOBS_POLL_MIN_S"), ("max_interval_s", "HPC_JOBS_POLL_MAX_S"),
+                          ("quiet_interval_s", "HPC_JOBS_POLL_QUIET_S")):
             value = os.environ.get(var)
             if value:
                 try:
@@ -72,6 +82,7 @@ class PollerConfig:
                 except ValueError:
                     pass
         cfg.max_interval_s = max(cfg.max_interval_s, cfg.min_interval_s)
+        cfg.quiet_interval_s = max(cfg.quiet_interval_s, cfg.min_interval_s)
         return cfg
 
 
@@ -199,7 +210,7 @@ class Poller:
             os.close(fd)
 
     # -- reading --------------------------------------------------------------------------------
-    def _due(self, data: Dict, bases: Set[str], urgent: bool, now: float) -> bool:
+    def _due(self, data: Dict, bases: Set[str], urgent: bool, now: float, quiet: bool = False) -> bool:
         cfg = self.config
         watch = data["watch"]
         new = [b for b in bases if not watch.get(b, {}).get("answered")]
@@ -209,6 +220,8 @@ class Poller:
         index = _by_base(data["jobs"])
         if all(self._settled(data, index, b, now) for b in bases):
             return False  # everything asked about has finished for good: never call again
+        if quiet:  # the jobs report their own changes: the scheduler only for outside ones
+            return since >= max(cfg.quiet_interval_s, cfg.min_interval_s)
         interval = data.get("interval")
         interval = cfg.min_interval_s if interval is None else min(float(interval), cfg.max_interval_s)
         return since >= interval
@@ -219,9 +232,11 @@ class Poller:
             return False
         return all(row[0] in FINAL_STATES and row[7] and now - float(row[7]) >= self.config.settle_s for row in rows)
 
-    def query(self, job_ids: Iterable[str], urgent: bool = False) -> Snapshot:
+    def query(self, job_ids: Iterable[str], urgent: bool = False, quiet: bool = False) -> Snapshot:
         """The states of ``job_ids`` (``123`` or ``123_4``): from the shared cache, refreshed
-        first (with ONE call for every watched job) when the interval has passed."""
+        first (with ONE call for every watched job) when the interval has passed. ``quiet``: the
+        caller sees every change these jobs make in their own files; the interval is then
+        ``quiet_interval_s``."""
         ids = sorted({str(j) for j in job_ids if j})
         if not ids:
             return Snapshot({})
@@ -229,12 +244,12 @@ class Poller:
         now = self.clock()
         data = self.load()
         called = False
-        if self._due(data, bases, urgent, now):
+        if self._due(data, bases, urgent, now, quiet):
             with self._locked():
                 data = self.load()  # another process may have refreshed while we waited
                 now = self.clock()
                 self._watch(data, bases, now)
-                if self._due(data, bases, urgent, now):
+                if self._due(data, bases, urgent, now, quiet):
                     self._refresh(data, now)
                     called = True
                 self._save(data)
@@ -391,8 +406,8 @@ def default() -> Poller:
     return _DEFAULT
 
 
-def query(job_ids: Iterable[str], urgent: bool = False) -> Snapshot:
-    return default().query(job_ids, urgent=urgent)
+def query(job_ids: Iterable[str], urgent: bool = False, quiet: bool = False) -> Snapshot:
+    return default().query(job_ids, urgent=urgent, quiet=quiet)
 
 
 def invalidate() -> None:

@@ -1,11 +1,12 @@
 """What a run is doing: the shared scheduler poller's answer merged with the stages' own files.
 
-The scheduler is the authority while it knows a job; every read goes through
+The scheduler's answer is the base while it knows a job; every read goes through
 :mod:`hpc_jobs.poller` (one cached call for all of a user's jobs). When the scheduler does not know
 a job (no accounting, or it left ``squeue`` after MinJobAge), the marker the stage wrote
 (``state[.<task>].json``, with its job id) tells how it ended; a job neither knows is UNKNOWN,
-never assumed dead. When a marker is newer than the cached answer and disagrees with it (the stage
-wrote COMPLETED, the cache still says RUNNING), the read asks the poller for an urgent refresh.
+never assumed dead. A marker newer than the cached answer is the newer truth (the stage wrote
+RUNNING, COMPLETED, FAILED or REQUEUED itself) and is shown as it is: the jobs report their own
+changes, so a healthy run needs the scheduler only every 600 s (:func:`stage_states`).
 
 Each stage also gets its progress (``heartbeat.json``: step/total_steps, eta_s, loss; flagged
 ``stale`` when older than ``HPC_JOBS_STALE_MIN`` minutes, default 10, while RUNNING), its last
@@ -425,47 +426,62 @@ def run_job_ids(run: Run) -> List[str]:
 
 def stage_states(run: Run, triage: bool = True, now: Optional[float] = None, fresh: bool = False) -> Dict[str, StageState]:
     """Every stage's state, progress, last metric and (``triage``) failure hint. ``fresh``: an
-    answer at most the poller's minimum interval old (for decisions such as resume)."""
+    answer at most the poller's minimum interval old (for decisions such as resume).
+
+    The jobs report themselves: a job's start, end, failure and requeue are in its marker the
+    moment they happen, and a marker newer than the scheduler's answer is shown as it is. So the
+    poller is asked ``quiet`` (its answer may be up to 600 s old: what only the scheduler can tell
+    is a change from outside, an admin's scancel or a job that died before it could write) unless
+    some job needs the scheduler sooner: one it runs that has not reported itself (starting, or
+    silent), or one that reported its end while the scheduler still runs it; then the poller's
+    normal 2-30 s interval applies."""
     from . import poller, slurm
 
     run.reload()
     ids = run_job_ids(run)
     use_sched = bool(ids) and slurm.available()
-    snap = poller.query(ids, urgent=fresh) if use_sched else poller.Snapshot({})
-    out, disagree = _merge(run, snap, triage, now)
-    if disagree and use_sched and not snap.called:
-        urgent = poller.query(ids, urgent=True)
-        if urgent.called:
-            out, _ = _merge(run, urgent, triage, now)
+    snap = poller.query(ids, urgent=fresh, quiet=not fresh) if use_sched else poller.Snapshot({})
+    out, loud = _merge(run, snap, triage, now)
+    if loud and use_sched and not snap.called and not fresh:
+        again = poller.query(ids)
+        if again.called:
+            out, _ = _merge(run, again, triage, now)
     return out
 
 
+#: what a job writes into its marker itself (hpc_jobs/runtime.py), shown when newer than the scheduler's answer
+SELF_REPORTED = ("RUNNING", "COMPLETED", "FAILED", "REQUEUED")
+
+
 def _task_from_scheduler(rec: StageRecord, stage_dir: Path, task: Optional[int], snap, answered_at: float,
-                         ts: TaskState) -> bool:
-    """Fill ``ts`` from the scheduler's answer and the task's marker; True when a marker newer than
-    the answer disagrees with it (the caller asks the scheduler again)."""
+                         ts: TaskState, now: float, files: bool = True) -> bool:
+    """Fill ``ts`` from the scheduler's answer and the task's marker (the newer of the two wins);
+    True when the task needs the scheduler soon: it runs per the answer without a marker of its
+    own (starting, or silent), or its marker says it ended while the answer still has it active."""
     from .slurm import ACTIVE_STATES, format_elapsed
 
     tid = rec.slurm_id(task)
     ts.job_id = tid or ""
     info = snap.get(tid) if tid else None
-    marker = _marker_state(stage_dir, task, tid)
-    disagree = False
-    if marker and info is not None and _newer(stage_dir, task, answered_at):
-        mstate = marker.get("state")
-        if (mstate in ("COMPLETED", "FAILED") and info.state in ACTIVE_STATES) or \
-                (mstate == "RUNNING" and info.state == "PENDING"):
-            disagree = True
-    if info is not None and info.state != "UNKNOWN":
+    marker = _marker_state(stage_dir, task, tid) if files else None  # files: the task's directory exists
+    mstate = marker.get("state") if marker else None
+    reported = mstate in SELF_REPORTED and _newer(stage_dir, task, answered_at)
+    known = info is not None and info.state != "UNKNOWN"
+    loud = known and ((info.state == "RUNNING" and marker is None)
+                      or (info.state in ACTIVE_STATES and mstate in ("COMPLETED", "FAILED") and not reported))
+    if known and not reported:
         ts.state = info.state
         ts.elapsed, ts.node = info.elapsed, info.node if info.node not in ("None assigned",) else ""
         ts.reason = info.reason if info.state == "PENDING" and info.reason not in ("None", "") else ""
         ts.exit_code, ts.raw_state = info.exit_code, info.raw_state
-    elif marker and marker.get("state") in ("COMPLETED", "FAILED"):
-        ts.state = marker["state"]
+    elif marker and (reported or mstate in ("COMPLETED", "FAILED")):
+        ts.state = mstate
         ts.raw_state = f"{ts.state} (marker)"
         if marker.get("elapsed_s") is not None:
             ts.elapsed = format_elapsed(float(marker["elapsed_s"]))
+        elif mstate == "RUNNING":
+            started = _started(stage_dir, rec, task)
+            ts.elapsed = format_elapsed(max(0.0, now - started)) if started else ""
         ts.node = str(marker.get("host") or "")
     elif tid is None:
         ts.state = rec.task_state.get(str(task), rec.state if rec.state in statesmod.PLANNED else "UNKNOWN")
@@ -479,7 +495,7 @@ def _task_from_scheduler(rec: StageRecord, stage_dir: Path, task: Optional[int],
         ts.result = marker["result"]
     if ts.state in ("PENDING", "SUBMITTED"):
         ts.elapsed, ts.exit_code = "", ""
-    return disagree
+    return loud
 
 
 def _task_here(rec: StageRecord, stage_dir: Path, task: Optional[int], now: float, ts: TaskState) -> None:
@@ -504,19 +520,25 @@ def _merge(run: Run, snap, triage: bool, now: Optional[float]) -> Tuple[Dict[str
     now = time.time() if now is None else now
     answered_at = now - snap.age_s if snap.age_s != float("inf") else 0.0
     out: Dict[str, StageState] = {}
-    disagree = False
+    loud = False
     for rec in run.in_order():
         name = rec.name
         stage_dir = run.stage_dir(name)
         st = StageState(name=name, state=rec.state, where=rec.where)
         scheduled = rec.where == "batch" and run.backend == "slurm" and bool(rec.jobs)
         tasks: List[TaskState] = []
+        present = _task_dirs(stage_dir) if rec.array else None
         for task in rec.task_indices:
             ts = TaskState(index=task if task is not None else 0, state="UNKNOWN")
+            # an array task without a directory has written nothing yet (pending): no file to read
+            files = present is None or task is None or str(task) in present
             if scheduled:
-                disagree |= _task_from_scheduler(rec, stage_dir, task, snap, answered_at, ts)
+                loud |= _task_from_scheduler(rec, stage_dir, task, snap, answered_at, ts, now, files)
             else:
                 _task_here(rec, stage_dir, task, now, ts)
+            if not files:
+                tasks.append(ts)
+                continue
             where = task_dir(stage_dir, task)
             ts.progress = read_progress(where, ts.state, now, _started(stage_dir, rec, task))
             if ts.state in ("RUNNING", "COMPLETED", *FAILED_LIKE):
@@ -541,14 +563,14 @@ def _merge(run: Run, snap, triage: bool, now: Optional[float]) -> Tuple[Dict[str
         st.error = next((t.error for t in tasks if t.error), "")
         st.result = tasks[0].result if not rec.array else next((t.result for t in tasks if t.result is not None), None)
         st.progress, st.metric = lead.progress, lead.metric
-        st.interruptions = interruptions(stage_dir, rec)
+        st.interruptions = interruptions(stage_dir, rec, present)
         st.handoff = ", ".join(f"{i['kind']} {i['stage']}" + ("[task]" if i.get("per_task") else "")
                                for i in rec.inputs.values() if i.get("kind") in ("init", "resume"))
         out[name] = st
     _cancelled_upstream(run, out)
     if triage:
         _triage(run, out)
-    return out, disagree
+    return out, loud
 
 
 def _lead_task(tasks: List[TaskState]) -> TaskState:
@@ -559,13 +581,27 @@ def _lead_task(tasks: List[TaskState]) -> TaskState:
     return next((t for t in tasks if t.state != "COMPLETED"), tasks[0])
 
 
-def interruptions(stage_dir: Path, rec: StageRecord) -> List[Dict[str, Any]]:
+def _task_dirs(stage_dir: Path) -> Optional[set]:
+    """The names in an array stage's ``tasks/`` (one directory per task that has started); None
+    when it cannot be listed (then every task's files are read)."""
+    try:
+        return set(os.listdir(stage_dir / "tasks"))
+    except FileNotFoundError:
+        return set()
+    except OSError:
+        return None
+
+
+def interruptions(stage_dir: Path, rec: StageRecord, present: Optional[set] = None) -> List[Dict[str, Any]]:
     """The attempts of a stage that ended without completing, oldest first, each with its cause:
-    PREEMPTED, TIMEOUT, REQUEUED (a requeue signal), NODE_FAIL, CANCELLED, FAILED (a crash)..."""
+    PREEMPTED, TIMEOUT, REQUEUED (a requeue signal), NODE_FAIL, CANCELLED, FAILED (a crash)...
+    ``present``: the array's task directories (:func:`_task_dirs`); the others have no log."""
     from .runtime import read_attempts
 
     out: List[Dict[str, Any]] = []
     for task in rec.task_indices:
+        if present is not None and task is not None and str(task) not in present:
+            continue
         last: Dict[Tuple[Any, Any], Dict[str, Any]] = {}
         for e in read_attempts(stage_dir, task):
             if e.get("event") == "end":

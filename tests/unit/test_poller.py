@@ -317,3 +317,32 @@ def test_a_node_fail_job_that_slurm_requeued_reads_pending(fake, tmp_path):
     fake.set(squeue_gone=["900"])
     clock.t += 5
     assert p.query(["900", "901"]).jobs["900"].state == "NODE_FAIL"
+
+
+def test_quiet_reads_ask_once_per_quiet_interval_but_new_ids_and_invalidate_still_at_once(tmp_path):
+    """A caller that sees every change in the jobs' own files reads quiet: one call per 600 s for
+    an hour of reads every second (7 in all), with the same answers as a loud read."""
+    clock = Clock()
+    calls = []
+
+    def scheduler(ids, use_sacct):
+        calls.append(clock.t - 1_000_000.0)
+        return {j: JobInfo(j, "PENDING", "PENDING") for j in ids}, "sacct", True, 1
+
+    p = Poller(tmp_path / "c.json", PollerConfig(), clock=clock, scheduler=scheduler)
+    for t in range(0, 3600):
+        clock.t = 1_000_000.0 + t
+        snap = p.query(["7"], quiet=True)
+    assert calls == [0, 600, 1200, 1800, 2400, 3000] and snap.get("7").state == "PENDING"
+    clock.t = 1_000_000.0 + 3601
+    p.query(["7", "8"], quiet=True)  # a new id: asked at the next min interval
+    assert calls[-1] == 3601
+    clock.t = 1_000_000.0 + 3610
+    p.invalidate()  # a submission, cancel or resume
+    p.query(["7", "8"], quiet=True)
+    assert calls[-1] == 3610
+    clock.t = 1_000_000.0 + 3615
+    p.query(["7", "8"])  # a loud reader (a job not reporting itself) refreshes for everyone
+    assert calls[-1] == 3615
+    p.query(["7", "8"], quiet=True)
+    assert len(calls) == 9

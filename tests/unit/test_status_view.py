@@ -212,20 +212,68 @@ def test_slurm_failure_shows_the_slurm_state_and_one_query_for_the_run(tmp_path,
     assert fake_slurm.calls() == 1, "a second read within the interval is served from the cache"
 
 
-def test_marker_newer_than_the_cache_triggers_an_urgent_refresh(tmp_path, fake_slurm, monkeypatch):
-    monkeypatch.setenv("HPC_JOBS_POLL_MIN_S", "2")  # wide enough for a loaded machine
-    fake_slurm.set(jobs={"21": {"state": "RUNNING"}})
+def test_a_jobs_own_reports_show_at_once_without_asking_the_scheduler(tmp_path, fake_slurm, monkeypatch):
+    """Start, end: the job writes them into its marker; status shows them from there, and while
+    every job reports itself the scheduler is asked only every HPC_JOBS_POLL_QUIET_S (600 s)."""
+    monkeypatch.setenv("HPC_JOBS_POLL_MIN_S", "0.2")
+    monkeypatch.setenv("HPC_JOBS_POLL_MAX_S", "0.2")
+    fake_slurm.set(jobs={"21": {"state": "PENDING"}})
     run = _make_run(tmp_path, backend="slurm")
     _update(run, "prep", state="SUBMITTED", jobs=[{"job_id": "21"}])
     run.save()
-    assert stage_states(run)["prep"].state == "RUNNING"
-    stage_states(run)
+    assert stage_states(run)["prep"].state == "PENDING"
     assert fake_slurm.calls() == 1
-    time.sleep(2.2)
-    fake_slurm.set(jobs={"21": {"state": "COMPLETED"}})
-    _marker(run, "prep", state="COMPLETED", job_id="21", result={})
-    assert stage_states(run)["prep"].state == "COMPLETED"  # not the cached RUNNING for 30 s
+    time.sleep(0.3)
+    assert stage_states(run)["prep"].state == "PENDING"
+    assert fake_slurm.calls() == 1, "a pending job reports its own start: no call within the quiet interval"
+    fake_slurm.set(jobs={"21": {"state": "RUNNING"}})
+    _marker(run, "prep", state="RUNNING", job_id="21", host="n2", started="2026-01-01T00:00:00+00:00")
+    st = stage_states(run)["prep"]
+    assert (st.state, st.node, st.raw_state) == ("RUNNING", "n2", "RUNNING (marker)") and st.elapsed
+    _marker(run, "prep", state="COMPLETED", job_id="21", result={"x": 1}, elapsed_s=3.0)
+    st = stage_states(run)["prep"]
+    assert st.state == "COMPLETED" and st.result == {"x": 1}
+    assert fake_slurm.calls() == 1
+    _marker(run, "prep", state="RUNNING", job_id="20")  # an earlier job's marker says nothing about 21
+    assert stage_states(run)["prep"].state == "PENDING"
+
+
+def test_a_running_job_that_has_not_reported_itself_is_asked_at_the_normal_interval(tmp_path, fake_slurm, monkeypatch):
+    monkeypatch.setenv("HPC_JOBS_POLL_MIN_S", "0.2")
+    monkeypatch.setenv("HPC_JOBS_POLL_MAX_S", "0.2")
+    fake_slurm.set(jobs={"22": {"state": "RUNNING"}})
+    run = _make_run(tmp_path, backend="slurm")
+    _update(run, "prep", state="SUBMITTED", jobs=[{"job_id": "22"}])
+    run.save()
+    assert stage_states(run)["prep"].state == "RUNNING"
+    time.sleep(0.3)
+    stage_states(run)
+    assert fake_slurm.calls() == 2, "running without a marker (starting, or silent): asked again"
+    _marker(run, "prep", state="RUNNING", job_id="22")
+    time.sleep(0.3)
+    stage_states(run)
+    assert fake_slurm.calls() == 2, "it reported itself: quiet again"
+    _marker(run, "prep", state="COMPLETED", job_id="22")  # its end, reported: shown, nothing asked
+    time.sleep(0.3)
+    assert stage_states(run)["prep"].state == "COMPLETED"
     assert fake_slurm.calls() == 2
+
+
+def test_a_change_from_outside_shows_after_the_quiet_interval(tmp_path, fake_slurm, monkeypatch):
+    """An admin's scancel of a pending job: only the scheduler knows; asked after HPC_JOBS_POLL_QUIET_S."""
+    monkeypatch.setenv("HPC_JOBS_POLL_MIN_S", "0.2")
+    monkeypatch.setenv("HPC_JOBS_POLL_QUIET_S", "1")
+    fake_slurm.set(jobs={"23": {"state": "PENDING"}})
+    run = _make_run(tmp_path, backend="slurm")
+    _update(run, "prep", state="SUBMITTED", jobs=[{"job_id": "23"}])
+    run.save()
+    assert stage_states(run)["prep"].state == "PENDING"
+    fake_slurm.set(jobs={"23": {"state": "CANCELLED"}})
+    assert stage_states(run)["prep"].state == "PENDING"
+    time.sleep(1.2)
+    assert stage_states(run)["prep"].state == "CANCELLED"
+    assert fake_slurm.calls() == 2
+    assert stage_states(run, fresh=True)["prep"].state == "CANCELLED"  # resume's read: urgent, as before
 
 
 def test_log_attempts_split_a_requeued_jobs_file(tmp_path, monkeypatch):
