@@ -105,8 +105,10 @@ def _safe_marker(stage_dir: Path, task: Optional[int]) -> Optional[Dict[str, Any
     return marker if isinstance(marker, dict) else None
 
 
-def _marker_state(stage_dir: Path, task: Optional[int], job_id: Optional[str]) -> Optional[Dict[str, Any]]:
-    marker = _safe_marker(stage_dir, task)
+def _marker_state(stage_dir: Path, task: Optional[int], job_id: Optional[str],
+                  marker: Any = False) -> Optional[Dict[str, Any]]:
+    """The task's marker when it belongs to ``job_id`` (``marker``: already read; False: read it)."""
+    marker = _safe_marker(stage_dir, task) if marker is False else marker
     if not marker:
         return None
     if job_id is not None and marker.get("job_id") not in (None, job_id.split("_")[0], job_id):
@@ -185,11 +187,12 @@ def read_progress(stage_dir: Path, state: str, now: Optional[float] = None,
     return parse_heartbeat(text, state, now, started=started)
 
 
-def _started(stage_dir: Path, rec: StageRecord, task: Optional[int] = None) -> Optional[float]:
-    """When the task's current attempt started (its marker, else run.json), as epoch seconds."""
+def _started(stage_dir: Path, rec: StageRecord, task: Optional[int] = None, marker: Any = False) -> Optional[float]:
+    """When the task's current attempt started (its marker, else run.json), as epoch seconds
+    (``marker``: already read; False: read it)."""
     import datetime as _dt
 
-    marker = _safe_marker(stage_dir, task)
+    marker = _safe_marker(stage_dir, task) if marker is False else marker
     if marker and marker.get("started"):
         try:
             return _dt.datetime.fromisoformat(str(marker["started"])).timestamp()
@@ -433,8 +436,9 @@ def stage_states(run: Run, triage: bool = True, now: Optional[float] = None, fre
     poller is asked ``quiet`` (its answer may be up to 600 s old: what only the scheduler can tell
     is a change from outside, an admin's scancel or a job that died before it could write) unless
     some job needs the scheduler sooner: one it runs that has not reported itself (starting, or
-    silent), or one that reported its end while the scheduler still runs it; then the poller's
-    normal 2-30 s interval applies."""
+    silent), one that reported its end while a newer answer still runs it, or one that reported a
+    failure since the answer (its dependents are cancelled by Slurm, which no job reports); then
+    the poller's normal 2-30 s interval applies."""
     from . import poller, slurm
 
     run.reload()
@@ -454,21 +458,25 @@ SELF_REPORTED = ("RUNNING", "COMPLETED", "FAILED", "REQUEUED")
 
 
 def _task_from_scheduler(rec: StageRecord, stage_dir: Path, task: Optional[int], snap, answered_at: float,
-                         ts: TaskState, now: float, files: bool = True) -> bool:
+                         ts: TaskState, now: float, files: bool = True, raw_marker: Any = False) -> bool:
     """Fill ``ts`` from the scheduler's answer and the task's marker (the newer of the two wins);
     True when the task needs the scheduler soon: it runs per the answer without a marker of its
-    own (starting, or silent), or its marker says it ended while the answer still has it active."""
+    own (starting, or silent), its marker says it ended while a newer answer still has it
+    active, or it reported a failure since the answer (Slurm then cancels its dependents)."""
     from .slurm import ACTIVE_STATES, format_elapsed
 
     tid = rec.slurm_id(task)
     ts.job_id = tid or ""
     info = snap.get(tid) if tid else None
-    marker = _marker_state(stage_dir, task, tid) if files else None  # files: the task's directory exists
+    marker = _marker_state(stage_dir, task, tid, raw_marker) if files else None  # files: its directory exists
     mstate = marker.get("state") if marker else None
     reported = mstate in SELF_REPORTED and _newer(stage_dir, task, answered_at)
     known = info is not None and info.state != "UNKNOWN"
     loud = known and ((info.state == "RUNNING" and marker is None)
                       or (info.state in ACTIVE_STATES and mstate in ("COMPLETED", "FAILED") and not reported))
+    # a failure it reported since the answer: Slurm cancels its dependents (kill-on-invalid-dep),
+    # which no job reports; and the scheduler's exit code and state follow
+    loud = loud or (reported and mstate == "FAILED")
     if known and not reported:
         ts.state = info.state
         ts.elapsed, ts.node = info.elapsed, info.node if info.node not in ("None assigned",) else ""
@@ -480,7 +488,7 @@ def _task_from_scheduler(rec: StageRecord, stage_dir: Path, task: Optional[int],
         if marker.get("elapsed_s") is not None:
             ts.elapsed = format_elapsed(float(marker["elapsed_s"]))
         elif mstate == "RUNNING":
-            started = _started(stage_dir, rec, task)
+            started = _started(stage_dir, rec, task, marker)
             ts.elapsed = format_elapsed(max(0.0, now - started)) if started else ""
         ts.node = str(marker.get("host") or "")
     elif tid is None:
@@ -532,15 +540,16 @@ def _merge(run: Run, snap, triage: bool, now: Optional[float]) -> Tuple[Dict[str
             ts = TaskState(index=task if task is not None else 0, state="UNKNOWN")
             # an array task without a directory has written nothing yet (pending): no file to read
             files = present is None or task is None or str(task) in present
+            marker = _safe_marker(stage_dir, task) if files else None  # read once per task
             if scheduled:
-                loud |= _task_from_scheduler(rec, stage_dir, task, snap, answered_at, ts, now, files)
+                loud |= _task_from_scheduler(rec, stage_dir, task, snap, answered_at, ts, now, files, marker)
             else:
                 _task_here(rec, stage_dir, task, now, ts)
             if not files:
                 tasks.append(ts)
                 continue
             where = task_dir(stage_dir, task)
-            ts.progress = read_progress(where, ts.state, now, _started(stage_dir, rec, task))
+            ts.progress = read_progress(where, ts.state, now, _started(stage_dir, rec, task, marker))
             if ts.state in ("RUNNING", "COMPLETED", *FAILED_LIKE):
                 ts.metric = last_metric(where, ts.progress)
                 ts.best = best_metric(where, rec) if ts.state in ("RUNNING", "COMPLETED") else ""

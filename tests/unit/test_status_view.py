@@ -259,6 +259,28 @@ def test_a_running_job_that_has_not_reported_itself_is_asked_at_the_normal_inter
     assert fake_slurm.calls() == 2
 
 
+def test_a_reported_failure_asks_the_scheduler_soon_for_what_slurm_does_to_the_dependents(tmp_path, fake_slurm,
+                                                                                           monkeypatch):
+    """train fails (its marker); Slurm cancels evaluate (kill-on-invalid-dep), which nobody reports:
+    the failure makes the next read loud, so the cancellation shows within the normal interval."""
+    monkeypatch.setenv("HPC_JOBS_POLL_MIN_S", "0.2")
+    monkeypatch.setenv("HPC_JOBS_POLL_MAX_S", "0.2")
+    fake_slurm.set(jobs={"31": {"state": "RUNNING"}, "32": {"state": "PENDING"}})
+    run = _make_run(tmp_path, backend="slurm")
+    _update(run, "train", state="SUBMITTED", jobs=[{"job_id": "31"}])
+    _update(run, "evaluate", state="SUBMITTED", jobs=[{"job_id": "32"}])
+    run.save()
+    _marker(run, "train", state="RUNNING", job_id="31")
+    stage_states(run)
+    time.sleep(0.3)
+    _marker(run, "train", state="FAILED", job_id="31", error="boom")
+    fake_slurm.set(jobs={"31": {"state": "FAILED", "exit": "1:0"}, "32": {"state": "CANCELLED"}})
+    states = stage_states(run)
+    assert states["evaluate"].state == "CANCELLED" and states["train"].state == "FAILED"
+    assert states["train"].exit_code == "1:0"  # the scheduler's own record, asked at once
+    assert fake_slurm.calls() == 2
+
+
 def test_a_change_from_outside_shows_after_the_quiet_interval(tmp_path, fake_slurm, monkeypatch):
     """An admin's scancel of a pending job: only the scheduler knows; asked after HPC_JOBS_POLL_QUIET_S."""
     monkeypatch.setenv("HPC_JOBS_POLL_MIN_S", "0.2")
