@@ -253,6 +253,11 @@ def parse_usage(text: str) -> Dict[str, Usage]:
         usage.gpus = tres_gpus(tres)
         usage.gpu_s += usage.gpus * elapsed
         usage.end = row["End"].strip()
+    for usage in out.values():
+        # Slurm's accounting-based enforcement (JobAcctGatherParams=OverMemoryKill, clusters without
+        # cgroups) kills a job over its memory but records it FAILED: the sampled peak says why
+        if usage.state == "FAILED" and usage.peak_mem_mb and usage.req_mem_mb and usage.peak_mem_mb >= usage.req_mem_mb:
+            usage.state = "OUT_OF_MEMORY"
     return out
 
 

@@ -189,6 +189,10 @@ AccountingStoragePort={SLURMDBD_PORT}
 AccountingStorageTRES=gres/gpu
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=30
+# No cgroups, so accounting enforces --mem: a step found over its job's memory at a sample (every
+# JobAcctGatherFrequency s, or the job's --acctg-freq) is killed. The job ends FAILED and its log
+# says "Exceeded job memory limit" (a cgroup cluster says OUT_OF_MEMORY).
+JobAcctGatherParams=OverMemoryKill
 JobCompType=jobcomp/none
 
 GresTypes=gpu

@@ -1,11 +1,13 @@
 """Efficiency and right-sizing on the dev cluster, from real sacct: a stage that holds ~200 MB
 in a 512M job shows about that peak (status, --json, report); `--resources-from RUN --dry-run`
 renders a smaller `#SBATCH --mem` and a shorter `--time`, as stated; a stage killed at its time
-limit gets twice that limit next time.
+limit gets twice that limit next time, and one killed for memory twice its memory.
 
 The jobs ask `--acctg-freq=1`: Slurm samples a job's memory every JobAcctGatherFrequency seconds
-(30 on the dev cluster), too seldom for a 5-second stage. Both runs start at once; the TIMEOUT
-one (a 1-minute limit, which the dev cluster enforces at ~60-90 s) sets the test's length."""
+(30 on the dev cluster), too seldom for a 5-second stage. The runs start at once; the TIMEOUT
+one (a 1-minute limit, which the dev cluster enforces at ~60-90 s) sets the test's length. The dev
+cluster has no cgroups: Slurm's accounting enforces --mem (JobAcctGatherParams=OverMemoryKill) and
+records that kill as FAILED; the sacct peak at the request is what makes it OUT_OF_MEMORY here."""
 
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ HOLD = (f"import time; b = bytearray({HOLD_MB} * 1024 * 1024); b[::4096] = b'x' 
 # kills it at its limit (TIMEOUT)
 STUCK = ("import signal, time; [signal.signal(s, signal.SIG_IGN) for s in (signal.SIGUSR2, signal.SIGTERM)]; "
          "time.sleep(600)")
+GREEDY_MB = 400  # in a 150M job
+GREEDY = (f"import time; b = bytearray({GREEDY_MB} * 1024 * 1024); b[::4096] = b'x' * len(b[::4096]); "
+          "time.sleep(60); print('not killed')")
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL")
 
 
@@ -42,6 +47,7 @@ def test_efficiency_from_sacct_and_right_sizing(slurm_cluster):
     held = json.loads(cli(home, *run_opts, "--mem", "512M", "--run-name", "held", "--json",
                           "--", "python", "-c", HOLD).stdout)
     job = held["stages"][0]["job_ids"][0]
+    cli(home, *run_opts, "--mem", "150M", "--run-name", "greedy", "--json", "--", "python", "-c", GREEDY)
 
     def ended(run, memory=False):
         def check():
@@ -80,6 +86,15 @@ def test_efficiency_from_sacct_and_right_sizing(slurm_cluster):
     assert _sbatch_value(dry, "time") == "00:06:00"
     assert f"cmd: mem 2G -> {mem} (peak {round(e['peak_mem_mb'])}M over 1 run)" in dry
     assert "cmd: time 01:00:00 -> 00:06:00 (longest 00:00:" in dry
+
+    # the stage killed for memory: FAILED in Slurm's words, the memory hint, twice the memory next time
+    st = wait_for(ended("greedy", memory=True), 90, "the 400 MB stage in 150M to be killed", poll=1.0)
+    assert st["state"] == "FAILED" and st["efficiency"]["peak_mem_mb"] >= 150, st
+    text = cli(home, "status", "greedy").stdout
+    assert "exceeded job memory limit" in text.lower() or "exceeded memory limit" in text.lower(), text
+    dry = cli(home, *run_opts, "--resources-from", "greedy", "--dry-run", "--", "python", "-c", "pass").stdout
+    assert _sbatch_value(dry, "mem") == "320M", dry  # 150M x2, rounded up to a multiple of 64M
+    assert "cmd: mem 2G -> 320M (the last run was OUT_OF_MEMORY at 150M: x2)" in dry, dry
 
     # the stage killed at its 1-minute limit gets 2 minutes, not less
     st = wait_for(ended("stuck"), 150, "the 1-minute stage to reach its time limit", poll=2.0)

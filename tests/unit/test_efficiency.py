@@ -272,3 +272,16 @@ def test_engine_heartbeat_carries_gpu_fields(tmp_path, monkeypatch):
     hb.beat(step=1, epoch=0.1, loss=1.0, rate=2.0, samples_per_s=4.0, phase="train", force=True)
     data = json.loads((tmp_path / "heartbeat.json").read_text())
     assert data["gpu"] == "n/a" and "gpu_util" not in data and data["step"] == 1
+
+
+def test_a_failed_job_whose_peak_reached_its_request_was_killed_for_memory():
+    """Accounting-enforced memory (OverMemoryKill, no cgroups) records the kill as FAILED; the
+    sampled peak at or over the request tells it from an ordinary failure (as on the dev cluster)."""
+    text = ("1155|FAILED|00:00:31|00:02:00|00:01.000|1||100M|billing=1,cpu=1,mem=100M,node=1|1||2026-12-06T03:24:45\n"
+            "1155.batch|FAILED|00:00:31||00:00.010|1|12148K||cpu=1,mem=100M,node=1|1|1|2026-12-06T03:24:45\n"
+            "1155.0|CANCELLED by 0|00:00:31||00:00.900|1|423068K||cpu=1,mem=100M,node=1|1|1|2026-12-06T03:24:45\n"
+            "1156|FAILED|00:00:03|00:02:00|00:01.000|1||100M|billing=1,cpu=1,mem=100M,node=1|1||2026-12-06T03:24:45\n"
+            "1156.0|FAILED|00:00:03||00:00.900|1|40000K||cpu=1,mem=100M,node=1|1|1|2026-12-06T03:24:45\n")
+    jobs = parse_usage(text)
+    assert jobs["1155"].state == "OUT_OF_MEMORY" and jobs["1155"].raw_state == "FAILED"
+    assert jobs["1156"].state == "FAILED"  # 39M of 100M: it failed for another reason

@@ -214,7 +214,7 @@ class FaultLab(Workflow):
         ranks = max(1, opts.gpus)
         small = Resources(cpus_per_task=1, mem="200M", time="00:05:00")
         train_res = Resources(nodes=opts.nodes, gpus_per_node=opts.gpus if cfg.use_gpus else 0,
-                              tasks_per_node=ranks, cpus_per_task=1, mem="1G", time=cfg.train_time)
+                              tasks_per_node=ranks, cpus_per_task=1, mem="2G", time=cfg.train_time)
         stages = [
             Stage("prepare", prepare, resources=small, outputs={"data": "data.json"}),
             Stage("train", train, resources=train_res, inputs={"data": Input("prepare", "data")},
