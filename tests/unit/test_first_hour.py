@@ -102,3 +102,28 @@ def test_every_json_output_has_one_schema(tmp_path):
     assert launched["failed"] == ["evaluate"] and not launched["ok"] and launched["finished"]
     assert status["failed"] == ["evaluate"]
     assert resumed["ok"] and resumed["failed"] == [] and resumed["stages"][-1]["result"]["steps"] == 4
+
+
+def test_a_local_launch_shows_each_stage_as_it_goes_not_at_the_end(tmp_path):
+    """The first stage's lines reach the terminal while later stages still run, and what a stage
+    printed is in its log (`logs RUN STAGE`)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.pipeline_helpers import REPO
+
+    env = dict(os.environ, HPC_JOBS_HOME=str(tmp_path), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "launch.py", "demo", "--cluster", "local", "--run-name", "live"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    arrived = {}
+    for line in proc.stdout:
+        for stage in ("train", "evaluate"):
+            if line.startswith(f"[{stage}] [hpc_jobs] stage {stage} COMPLETED"):
+                arrived[stage] = time.monotonic()
+    assert proc.wait(timeout=120) == 0
+    # train_more and evaluate (a process each) ran in between: seconds, not a burst at the end
+    assert arrived["evaluate"] - arrived["train"] > 1.0, arrived
+    log = cli(tmp_path, "logs", "live", "train").stdout
+    assert "[hpc_jobs] stage train COMPLETED" in log, log
