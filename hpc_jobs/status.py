@@ -436,9 +436,9 @@ def stage_states(run: Run, triage: bool = True, now: Optional[float] = None, fre
     poller is asked ``quiet`` (its answer may be up to 600 s old: what only the scheduler can tell
     is a change from outside, an admin's scancel or a job that died before it could write) unless
     some job needs the scheduler sooner: one it runs that has not reported itself (starting, or
-    silent), one that reported its end while a newer answer still runs it, or one that reported a
-    failure since the answer (its dependents are cancelled by Slurm, which no job reports); then
-    the poller's normal 2-30 s interval applies."""
+    silent), one that reported its end while a newer answer still runs it, one that reported a
+    failure since the answer, or a queued one whose parent stage failed (Slurm cancels such
+    dependents, which no job reports); then the poller's normal 2-30 s interval applies."""
     from . import poller, slurm
 
     run.reload()
@@ -577,9 +577,24 @@ def _merge(run: Run, snap, triage: bool, now: Optional[float]) -> Tuple[Dict[str
                                for i in rec.inputs.values() if i.get("kind") in ("init", "resume"))
         out[name] = st
     _cancelled_upstream(run, out)
+    loud = loud or _doomed(run, out)
     if triage:
         _triage(run, out)
     return out, loud
+
+
+def _doomed(run: Run, out: Dict[str, StageState]) -> bool:
+    """A queued job whose parent stage failed: Slurm cancels it (kill-on-invalid-dep) at its own
+    pace and nobody reports that, so the scheduler is asked at the normal interval until it has."""
+    for name, st in out.items():
+        tasks = st.task_list or [st]
+        if not any(t.state in ("PENDING", "SUBMITTED") for t in tasks):
+            continue
+        for parent in run.stage(name).depends_on:
+            pst = out.get(parent)
+            if pst is not None and (pst.state in FAILED_LIKE or any(t.state in FAILED_LIKE for t in pst.task_list)):
+                return True
+    return False
 
 
 def _lead_task(tasks: List[TaskState]) -> TaskState:

@@ -281,6 +281,26 @@ def test_a_reported_failure_asks_the_scheduler_soon_for_what_slurm_does_to_the_d
     assert fake_slurm.calls() == 2
 
 
+def test_a_queued_job_below_a_failed_stage_is_asked_about_until_slurm_cancels_it(tmp_path, fake_slurm, monkeypatch):
+    """Slurm cancels a dependent a scheduling cycle after its parent failed: the answer that saw
+    the failure may still have it PENDING; status keeps asking at the normal interval."""
+    monkeypatch.setenv("HPC_JOBS_POLL_MIN_S", "0.2")
+    monkeypatch.setenv("HPC_JOBS_POLL_MAX_S", "0.2")
+    fake_slurm.set(jobs={"41": {"state": "FAILED", "exit": "1:0"}, "42": {"state": "PENDING"}})
+    run = _make_run(tmp_path, backend="slurm")
+    _update(run, "train", state="SUBMITTED", jobs=[{"job_id": "41"}])
+    _update(run, "evaluate", state="SUBMITTED", jobs=[{"job_id": "42"}])
+    run.save()
+    assert stage_states(run)["evaluate"].state == "PENDING"
+    time.sleep(0.3)
+    fake_slurm.set(jobs={"41": {"state": "FAILED", "exit": "1:0"}, "42": {"state": "CANCELLED"}})
+    assert stage_states(run)["evaluate"].state == "CANCELLED"
+    assert fake_slurm.calls() == 2
+    time.sleep(0.3)
+    stage_states(run)
+    assert fake_slurm.calls() == 2, "nothing queued below the failure any more: quiet"
+
+
 def test_a_change_from_outside_shows_after_the_quiet_interval(tmp_path, fake_slurm, monkeypatch):
     """An admin's scancel of a pending job: only the scheduler knows; asked after HPC_JOBS_POLL_QUIET_S."""
     monkeypatch.setenv("HPC_JOBS_POLL_MIN_S", "0.2")
