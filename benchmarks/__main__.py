@@ -1,9 +1,10 @@
 """``python -m benchmarks [--quick]``: every benchmark, each against its baseline measured in the
 same run, written to docs/benchmarks.md (a table of ratios, the machine, the date, the versions).
 
-Sections: launch (dry run; a 7-stage chain submitted), submit (a 200-task array: hpc-jobs vs bare
-sbatch vs submitit's map_array), polling (scheduler calls per hour, 1/50/500 jobs, hpc-jobs' poller
-vs submitit's watcher), training (steps/s of the tiny presets through the engine vs a bare torch
+Sections: launch (dry run of every workflow; a 7-stage chain submitted), submit (a 200-task array:
+hpc-jobs vs bare sbatch vs submitit's map_array), polling (scheduler calls per hour, 1/50/500 jobs,
+hpc-jobs' status vs submitit's watcher), scale (a 1,000-task array: launch vs map_array, status
+RUN and status RUN STAGE against the 1 s goal, scheduler calls for 1 vs 1,000 tasks), training (steps/s of the tiny presets through the engine vs a bare torch
 loop), resume (requeue signal to the first step after the restart, hpc-jobs vs a submitit
 Checkpointable), data (frame extraction, loader vs model), isc (faiss vs numpy kNN, the
 post-process). The ones that submit need the dev cluster and say so when there is no Slurm.
@@ -76,8 +77,9 @@ def sections(quick: bool, home: Path) -> List[Tuple[str, Callable[[], str], bool
     def launch() -> str:
         from benchmarks.common import have_slurm
 
-        out = launch_bench.table("launch: dry-run wall time", launch_bench.bench_dry_run(reps, home),
-                                 "python -c 'import submitit' (baseline)")
+        dry = launch_bench.bench_dry_run(reps, home)
+        out = launch_bench.table("launch: dry-run wall time", dry, "python -c 'import submitit' (baseline)",
+                                 notes=launch_bench.dry_run_notes(dry))
         if have_slurm():
             chain = launch_bench.bench_submit_chain(reps, home)
             out += "\n\n" + launch_bench.table(f"submit: a {launch_bench.CHAIN}-stage dependency chain to the dev cluster",
@@ -128,6 +130,11 @@ def sections(quick: bool, home: Path) -> List[Tuple[str, Callable[[], str], bool
         knn_sizes, post_sizes, isc_reps = isc_bench.sizes(quick)
         return isc_bench.table(isc_bench.bench_knn(knn_sizes, isc_reps), isc_bench.bench_postprocess(post_sizes, isc_reps))
 
+    def scale() -> str:
+        from benchmarks import scale_bench
+
+        return scale_bench.report(reps, home / "scale")
+
     def gpu() -> str:
         from benchmarks import gpu_bench
 
@@ -137,6 +144,7 @@ def sections(quick: bool, home: Path) -> List[Tuple[str, Callable[[], str], bool
         ("launch and submit", launch, False),
         ("submit: a 200-task array", submit_array, True),
         ("polling", polling, True),
+        ("scale: a 1,000-task array", scale, True),
         ("training", training, False),
         ("resume after a requeue signal", resume, True),
         ("data", data, False),

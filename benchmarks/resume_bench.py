@@ -80,14 +80,53 @@ def usr2(job_id: str) -> float:
     return sent
 
 
-def _recover(trail: Path, job_id: str) -> float:
-    """Signal the job ~1 s into training; seconds until the restarted process trains its first step."""
+#: the phases between the signal and the first step, each measured from the signal (report notes)
+PHASES = ("the old process stopped (checkpoint written; hpc-jobs' trail only)",
+          "the new process's job start (Slurm's StartTime, whole seconds)",
+          "the new process entering the stage (its trail's start line)")
+
+
+def _recover(trail: Path, job_id: str, phases: Optional[Dict[str, List[float]]] = None) -> float:
+    """Signal the job ~1 s into training; seconds until the restarted process trains its first step.
+    ``phases``: where the seconds went (:data:`PHASES`), appended to."""
     _wait(lambda: _events(trail, "first_step"), WAIT_S, f"job {job_id} to train")
     time.sleep(SIGNAL_AFTER_S)
     sent = usr2(job_id)
     firsts = _wait(lambda: [r for r in _events(trail, "first_step") if r["time"] > sent], WAIT_S,
                    f"job {job_id} to train again after the requeue")
+    if phases is not None:
+        rows = _all(trail)
+        old = [r["time"] for r in rows if r.get("event") == "stop" and sent < r["time"] <= firsts[0]["time"]]
+        starts = [r["time"] for r in rows if r.get("event") == "start" and r["time"] > sent]
+        began = _start_time(job_id)
+        for name, value in zip(PHASES, (max(old) if old else None, began, starts[0] if starts else None)):
+            if value is not None:
+                phases.setdefault(name, []).append(value - sent)
     return firsts[0]["time"] - sent
+
+
+def _all(path: Path) -> List[Dict[str, Any]]:
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
+def _start_time(job_id: str) -> Optional[float]:
+    """The job's current StartTime (after a requeue: the new start), epoch seconds."""
+    import datetime as _dt
+
+    out = subprocess.run(["scontrol", "show", "job", job_id, "-o"], capture_output=True, text=True).stdout
+    for word in out.split():
+        if word.startswith("StartTime="):
+            try:
+                return _dt.datetime.fromisoformat(word.split("=", 1)[1]).timestamp()
+            except ValueError:
+                return None
+    return None
 
 
 # -- the baseline: a plain submitit Checkpointable job -----------------------------------------------
@@ -150,7 +189,7 @@ class PlainTrainer(_checkpointable_base()):
         return self.step
 
 
-def plain_submitit_once(work: Path, rep: int) -> float:
+def plain_submitit_once(work: Path, rep: int, phases=None) -> float:
     import submitit
 
     trail = work / f"submitit-{rep}.jsonl"
@@ -160,13 +199,13 @@ def plain_submitit_once(work: Path, rep: int) -> float:
                          slurm_additional_parameters={"chdir": str(REPO)})
     job = ex.submit(PlainTrainer(str(trail)))
     try:
-        return _recover(trail, job.job_id)
+        return _recover(trail, job.job_id, phases)
     finally:
         scancel([job.job_id])
 
 
 # -- hpc-jobs: the faultlab workflow -----------------------------------------------------------------
-def hpc_jobs_once(work: Path, rep: int) -> float:
+def hpc_jobs_once(work: Path, rep: int, phases=None) -> float:
     env = dict(os.environ, HPC_JOBS_HOME=str(work / "home"), HPC_JOBS_LAUNCHERS="tests.workflows",
                PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, "launch.py", "faultlab", "--cluster", "devcluster", "--run-name",
@@ -182,7 +221,7 @@ def hpc_jobs_once(work: Path, rep: int) -> float:
     ids = [i for rec in run.in_order() for i in rec.job_ids()]
     train = run.stage("train").job_ids()[0]
     try:
-        return _recover(run_dir / "stages" / "train" / "trail.jsonl", train)
+        return _recover(run_dir / "stages" / "train" / "trail.jsonl", train, phases)
     finally:
         scancel(ids)
 
@@ -190,14 +229,28 @@ def hpc_jobs_once(work: Path, rep: int) -> float:
 def bench_resume(reps: int, work: Path) -> Dict[str, Any]:
     """``{"results": {row: summary}, "failures": [...]}``."""
     samples: Dict[str, List[float]] = {BASELINE: [], OURS: []}
+    phases: Dict[str, Dict[str, List[float]]] = {BASELINE: {}, OURS: {}}
     failures: List[str] = []
     for rep in range(reps):  # interleaved
         for name, fn in ((BASELINE, plain_submitit_once), (OURS, hpc_jobs_once)):
             try:
-                samples[name].append(fn(work, rep))
+                samples[name].append(fn(work, rep, phases[name]))
             except Exception as exc:  # one failed repetition must not lose the others
                 failures.append(f"{name.split(':')[0]}, repetition {rep + 1}: {exc}")
-    return {"results": {k: summary(v) for k, v in samples.items() if v}, "failures": failures}
+    return {"results": {k: summary(v) for k, v in samples.items() if v}, "failures": failures, "phases": phases}
+
+
+def phase_lines(phases: Dict[str, Dict[str, List[float]]]) -> List[str]:
+    """Where the seconds went, per tool: the median second after the signal at which each phase ended."""
+    import statistics
+
+    out = []
+    for name, label in ((BASELINE, "plain submitit"), (OURS, "hpc-jobs")):
+        got = phases.get(name) or {}
+        parts = [f"{what}: {statistics.median(v):.1f} s" for what, v in ((p, got.get(p)) for p in PHASES) if v]
+        if parts:
+            out.append(f"- {label}, seconds after the signal (medians): " + "; ".join(parts) + ".")
+    return out
 
 
 def report(reps: int, work: Path, note: Optional[str] = None) -> str:
@@ -207,6 +260,14 @@ def report(reps: int, work: Path, note: Optional[str] = None) -> str:
              "the resume itself."]
     if note:
         notes.append(note)
+    res = out["results"]
+    if BASELINE in res and OURS in res:
+        ratio = res[OURS]["median"] / res[BASELINE]["median"]
+        notes.append(f"hpc-jobs / plain submitit: {ratio:.2f}x (goal: at or below 1.0: "
+                     f"{'reached' if ratio <= 1.0 else 'NOT reached'}).")
+    where = phase_lines(out.get("phases") or {})
+    if where:
+        notes += ["", "Where the time goes:", ""] + where
     notes += [f"Failed: {f}" for f in out["failures"]]
     title = "resume: seconds from the requeue signal (USR2) to the first training step after the restart"
     if BASELINE not in out["results"]:

@@ -282,7 +282,8 @@ def preview_jobs(plan: Plan) -> Dict[str, List[rendermod.JobScript]]:
 
 
 # -- preflight -----------------------------------------------------------------------------------
-def preflight(plan: Plan, jobs: Dict[str, List[rendermod.JobScript]], test_only: bool) -> None:
+def preflight(plan: Plan, jobs: Dict[str, List[rendermod.JobScript]], test_only: bool,
+              facts: Optional["_Prefetch"] = None) -> None:
     """Check the plan against the profile and the scheduler. Raise PreflightError (exit 2)."""
     profile = plan.profile
     if profile.backend == "local":
@@ -296,7 +297,7 @@ def preflight(plan: Plan, jobs: Dict[str, List[rendermod.JobScript]], test_only:
     # error is still the one reported when both fail
     tested = _test_only(plan, jobs) if test_only else None
     try:
-        _check_partitions(plan)
+        _check_partitions(plan, facts)
     finally:
         results = tested() if tested is not None else []
     for name, error in results:
@@ -304,9 +305,9 @@ def preflight(plan: Plan, jobs: Dict[str, List[rendermod.JobScript]], test_only:
             raise PreflightError(f"stage '{name}': Slurm would reject the job: {error}")
 
 
-def _check_partitions(plan: Plan) -> None:
+def _check_partitions(plan: Plan, facts: Optional["_Prefetch"] = None) -> None:
     profile = plan.profile
-    partitions = _partition_limits(profile)
+    partitions = _partition_limits(profile, facts)
     for stage in plan.pipeline:
         if stage.where != "batch":
             continue
@@ -344,7 +345,13 @@ def _check_partitions(plan: Plan) -> None:
             )
 
 
-def _partition_limits(profile: ClusterProfile) -> Dict[str, Dict[str, Any]]:
+def _partition_limits(profile: ClusterProfile, facts: Optional["_Prefetch"] = None) -> Dict[str, Dict[str, Any]]:
+    """Each partition's limits; ``facts``: the scheduler's partitions asked for already."""
+    def scheduler_partitions():
+        from . import slurm
+
+        return facts.partitions.result() if facts is not None and facts.partitions else slurm.scheduler_partitions()
+
     if profile.partitions_from_scheduler:
         from . import slurm
 
@@ -356,7 +363,7 @@ def _partition_limits(profile: ClusterProfile) -> Dict[str, Dict[str, Any]]:
         return {
             name: {"max_time_s": p.max_time_s, "gpus_per_node": p.gpus_per_node, "gpu_types": [], "nodes": p.nodes,
                    "mem_mb": p.mem_mb, "cpus_per_node": p.cpus_per_node}
-            for name, p in slurm.scheduler_partitions().items()
+            for name, p in scheduler_partitions().items()
         }
     limits = {
         name: {"max_time_s": p.max_seconds, "gpus_per_node": p.gpus_per_node if p.gpus_per_node else None,
@@ -369,7 +376,7 @@ def _partition_limits(profile: ClusterProfile) -> Dict[str, Dict[str, Any]]:
     if profile.backend == "slurm" and slurm.available():
         # on the cluster itself: what the partition's nodes really have (sinfo) wins over the profile
         try:
-            real = slurm.scheduler_partitions()
+            real = scheduler_partitions()
         except UserError:
             real = {}
         for name, part in real.items():
@@ -421,12 +428,7 @@ def record_run(plan: Plan, req: LaunchRequest, jobs: Dict[str, List[rendermod.Jo
                facts: Optional["_Prefetch"] = None) -> Run:
     import yaml
 
-    runs_root = plan.profile.runs_root
-    if req.dry_run and not _creatable(runs_root):
-        # a dry run for another cluster (/scratch1 does not exist here): keep the files locally;
-        # the scripts still name the cluster's paths
-        runs_root = profmod.hpc_jobs_home() / "dry-runs"
-    run = Run.create(runs_root, plan.workflow.name, plan.run_id)
+    run = Run.create(_runs_root(plan, req), plan.workflow.name, plan.run_id)
     # libyaml's dumper where PyYAML has it (the same YAML, ~10x faster than the pure-Python one)
     dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
     run.write_provenance(
@@ -435,7 +437,7 @@ def record_run(plan: Plan, req: LaunchRequest, jobs: Dict[str, List[rendermod.Jo
         yaml.dump(dataclasses.asdict(plan.profile), Dumper=dumper, sort_keys=False),
         git=facts.git.result() if facts else None,
     )
-    run.snapshot_code()
+    run.snapshot_code(prepared=facts.code_copy() if facts else None)
     for desc, stage in zip(plan.pipeline.describe(), plan.pipeline):
         stage_dir = run.stage_dir(stage.name)
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -458,8 +460,18 @@ def record_run(plan: Plan, req: LaunchRequest, jobs: Dict[str, List[rendermod.Jo
         sweep=plan.sweep.to_record() if plan.sweep else None,
         right_sized=plan.right_sized.to_record() if plan.right_sized else None,
     )
-    run.save()
+    # a Slurm launch saves it again, durably, with the job ids; until then nothing depends on it
+    run.save(durable=not (plan.profile.backend == "slurm" and not req.dry_run))
     return run
+
+
+def _runs_root(plan: Plan, req: LaunchRequest) -> Path:
+    runs_root = plan.profile.runs_root
+    if req.dry_run and not _creatable(runs_root):
+        # a dry run for another cluster (/scratch1 does not exist here): keep the files locally;
+        # the scripts still name the cluster's paths
+        runs_root = profmod.hpc_jobs_home() / "dry-runs"
+    return runs_root
 
 
 def _creatable(path: Path) -> bool:
@@ -564,35 +576,81 @@ class LaunchResult:
 
 
 class _Prefetch:
-    """Read-only facts the record needs (git HEAD and diff, the Slurm version), asked in threads
-    while the launch plans and checks: each is a subprocess the launch would otherwise wait for in
-    turn. Nothing here writes; a failure reads as "unknown", as before."""
+    """What the launch will need and may ask for early, in threads, while it plans and checks:
+    the read-only facts (git HEAD and diff, the Slurm version, MaxArraySize and the partitions,
+    asked as soon as sbatch is here), and the code snapshot, copied into a hidden directory next
+    to where the run will be and moved into it once preflight passed (removed when it does not:
+    a failed launch leaves nothing). Each is work the launch would otherwise wait for in turn;
+    a failure reads as before (the same exception, where the value is used)."""
 
-    def __init__(self) -> None:
+    def __init__(self, req: LaunchRequest) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         from .ledger import git_state
 
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="hpc-jobs-prefetch")
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hpc-jobs-prefetch")
         self.git = self._pool.submit(git_state)
-        self.version = None
+        self.version = self.max_array = self.partitions = self.code = None
+        self._code_dir: Optional[Path] = None
+        from . import slurm
 
-    def slurm(self, profile: ClusterProfile) -> None:
-        if profile.backend == "slurm":
-            self.version = self._pool.submit(_slurm_version, profile)
+        if req.cluster != "local" and slurm.available():  # the scheduler's facts, speculatively
+            self.max_array = self._pool.submit(slurm.max_array_size)
+            self.partitions = self._pool.submit(slurm.scheduler_partitions)
+
+    def planned(self, plan: Plan, req: LaunchRequest) -> None:
+        if plan.profile.backend == "slurm":
+            self.version = self._pool.submit(_slurm_version, plan.profile)
+            if self.max_array is not None and not plan.profile.max_array_size:
+                plan._max_array = self.max_array.result()
+        else:
+            self.partitions = None  # a local run asks nothing of Slurm
+        import tempfile
+
+        from .ledger import snapshot_code
+
+        # next to where the run will be, in a folder that exists already (a launch that fails
+        # creates none); none yet (a first launch): record_run copies it after preflight
+        root = plan.profile.runs_root
+        candidates = [root / plan.workflow.name, root]
+        if req.dry_run:
+            candidates += [profmod.hpc_jobs_home() / "dry-runs" / plan.workflow.name, profmod.hpc_jobs_home() / "dry-runs"]
+        parent = next((c for c in candidates if c.is_dir() and os.access(c, os.W_OK)), None)
+        if parent is None:
+            return
+        try:
+            self._code_dir = Path(tempfile.mkdtemp(prefix=f".{plan.run_id}.code-", dir=parent))
+        except OSError:
+            return
+        self.code = self._pool.submit(snapshot_code, self._code_dir / "code")
+
+    def code_copy(self) -> Optional[Path]:
+        """The snapshot, complete (None: record_run copies it itself)."""
+        if self.code is None:
+            return None
+        return self.code.result()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._code_dir is not None:
+            if self.code is not None:
+                try:
+                    self.code.result()  # never remove a copy still being written
+                except Exception:  # noqa: BLE001  (raised where it is used)
+                    pass
+            import shutil
+
+            shutil.rmtree(self._code_dir, ignore_errors=True)  # empty once moved into the run
 
 
 def launch(req: LaunchRequest, echo: Echo = print) -> LaunchResult:
-    facts = _Prefetch()
+    facts = _Prefetch(req)
     try:
         plan = make_plan(req)
-        facts.slurm(plan.profile)
+        facts.planned(plan, req)
         jobs = preview_jobs(plan)
         slurm_real = plan.profile.backend == "slurm" and not req.dry_run
-        preflight(plan, jobs, test_only=slurm_real)
+        preflight(plan, jobs, test_only=slurm_real, facts=facts)
         run = record_run(plan, req, jobs, facts)
     finally:
         facts.close()

@@ -71,6 +71,46 @@ def git_state() -> Tuple[Optional[str], Optional[str]]:
     return sha, (outs[1] if sha else None)
 
 
+def snapshot_code(dest: Path) -> Path:
+    """Copy the importable code (not data, not caches) into ``dest`` (made here): the code packages
+    of this checkout, HPC_JOBS_LAUNCHERS packages and modules, entry points' packages, the
+    templates and profiles. Returns ``dest``."""
+    def ignore(directory: str, names: List[str]) -> List[str]:
+        return [
+            n
+            for n in names
+            if n == "__pycache__"
+            or n.startswith(".")
+            or (os.path.isfile(os.path.join(directory, n)) and Path(n).suffix not in CODE_SUFFIXES)
+        ]
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for package in CODE_PACKAGES:
+        src = REPO_ROOT / package
+        if src.is_dir():
+            shutil.copytree(src, dest / package, ignore=ignore)
+    from .profiles import TEMPLATES_DIR
+    from .workflow import launcher_code
+
+    # HPC_JOBS_LAUNCHERS packages and modules (a .py path too), entry points' packages
+    for name, src in launcher_code():
+        if name.split(".")[0] in CODE_PACKAGES:
+            continue
+        target = dest.joinpath(*name.split("."))
+        if src.is_dir():
+            if not target.exists():
+                shutil.copytree(src, target, ignore=ignore)
+        else:  # a module: a .py file
+            target = target.with_name(src.name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                shutil.copy2(src, target)
+    # the template and profiles (package data: in an installed wheel they sit in hpc_jobs/ already)
+    shutil.copytree(TEMPLATES_DIR, dest / "templates", ignore=ignore, dirs_exist_ok=True)
+    return dest
+
+
 def _index_file() -> Path:
     return hpc_jobs_home() / "recent-runs.txt"
 
@@ -192,39 +232,16 @@ class Run:
             }
         )
 
-    def snapshot_code(self) -> None:
-        """Copy the importable code (not data, not caches) into ``code/``."""
-        def ignore(directory: str, names: List[str]) -> List[str]:
-            return [
-                n
-                for n in names
-                if n == "__pycache__"
-                or n.startswith(".")
-                or (os.path.isfile(os.path.join(directory, n)) and Path(n).suffix not in CODE_SUFFIXES)
-            ]
-
-        for package in CODE_PACKAGES:
-            src = REPO_ROOT / package
-            if src.is_dir():
-                shutil.copytree(src, self.code_dir / package, ignore=ignore)
-        from .profiles import TEMPLATES_DIR
-        from .workflow import launcher_code
-
-        # HPC_JOBS_LAUNCHERS packages and modules (a .py path too), entry points' packages
-        for name, src in launcher_code():
-            if name.split(".")[0] in CODE_PACKAGES:
-                continue
-            dest = self.code_dir.joinpath(*name.split("."))
-            if src.is_dir():
-                if not dest.exists():
-                    shutil.copytree(src, dest, ignore=ignore)
-            else:  # a module: a .py file
-                dest = dest.with_name(src.name)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                if not dest.exists():
-                    shutil.copy2(src, dest)
-        # the template and profiles (package data: in an installed wheel they sit in hpc_jobs/ already)
-        shutil.copytree(TEMPLATES_DIR, self.code_dir / "templates", ignore=ignore, dirs_exist_ok=True)
+    def snapshot_code(self, prepared: Optional[Path] = None) -> None:
+        """Copy the importable code (not data, not caches) into ``code/``; ``prepared``: a copy
+        :func:`snapshot_code` made earlier (while the launch was checking the plan), moved in."""
+        if prepared is not None:
+            try:
+                os.rename(prepared, self.code_dir)
+                return
+            except OSError:  # another file system: copy it here after all
+                pass
+        snapshot_code(self.code_dir)
 
     def remember(self) -> None:
         """Append to the per-user index so ``status`` finds the run from any shell."""
