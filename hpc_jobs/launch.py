@@ -699,7 +699,7 @@ def resume(run: Run, echo: Echo = print) -> List[str]:
         if run.backend == "slurm" and any(r.state == "WAITING_LOGIN" for r in run.stages.values()):
             if advance_login_steps(run, echo):
                 return []
-        states = stage_states(run, triage=False)
+        states = stage_states(run, triage=False, fresh=True)  # a decision: the scheduler's answer, now
         active = [n for n, s in states.items() if s.state in statesmod.ACTIVE]
         if active:
             waiting = [n for n in run.order if run.stage(n).state == "WAITING_LOGIN"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from hpc_jobs.errors import PreflightError
+from hpc_jobs.errors import PreflightError, UserError
 from hpc_jobs.launch import LaunchRequest, launch
 from hpc_jobs.profiles import ClusterProfile
 from hpc_jobs.workflow import LaunchOptions
@@ -41,3 +41,21 @@ def test_a_first_launch_creates_no_folder_before_preflight(tmp_path, monkeypatch
     assert not (tmp_path / "runs").exists()
     result = launch(_dry(tmp_path, monkeypatch), echo=lambda s: None)  # then copied after preflight
     assert (result.run.dir / "code" / "hpc_jobs" / "launch.py").is_file()
+
+
+def test_resume_decides_on_a_fresh_answer(tmp_path, monkeypatch):
+    """status may serve an answer up to 600 s old while the jobs report themselves; whether a stage
+    is still queued (an admin may have cancelled it) is asked of the scheduler when resuming."""
+    from hpc_jobs import launch as launchmod, status
+
+    result = launch(_dry(tmp_path, monkeypatch), echo=lambda s: None)
+    asked = []
+
+    def states(run, triage=True, now=None, fresh=False):
+        asked.append(fresh)
+        return {n: status.StageState(name=n, state="PENDING") for n in run.order}
+
+    monkeypatch.setattr(status, "stage_states", states)
+    with pytest.raises(UserError, match="still queued or running"):  # nothing is submitted
+        launchmod.resume(result.run, echo=lambda s: None)
+    assert asked == [True]
