@@ -85,3 +85,42 @@ def slurm_main(prog: str, doc: str, report: Callable[[int, Path], str], reps: in
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def wait_for_room(needed: int, timeout: float = 360.0) -> None:
+    """Wait until the controller can take ``needed`` more job records: every array task a benchmark
+    cancels stays a record for MinJobAge (300 s on the dev cluster), and at MaxJobCount sbatch is
+    refused ("Resource temporarily unavailable"). Returns at the timeout regardless."""
+    import re
+
+    conf = run("scontrol", "show", "config").stdout
+    found = re.search(r"MaxJobCount\s*=\s*(\d+)", conf)
+    limit = int(found.group(1)) if found else 10000
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if job_records(run("scontrol", "show", "jobs", "-o").stdout) + needed + 200 <= limit:
+            return
+        time.sleep(5)
+
+
+def job_records(text: str) -> int:
+    """What counts against MaxJobCount in ``scontrol show jobs -o``: one per job, one per task of
+    an array (``ArrayTaskId=0-499%10`` is 500)."""
+    import re
+
+    total = 0
+    for line in text.splitlines():
+        if not line.startswith("JobId="):
+            continue
+        found = re.search(r"ArrayTaskId=(\S+)", line)
+        if not found:
+            total += 1
+            continue
+        for part in found.group(1).split("%")[0].split(","):
+            lo, _, hi = part.partition("-")
+            try:
+                total += int(hi) - int(lo) + 1 if hi else 1
+            except ValueError:
+                total += 1
+    return total
+

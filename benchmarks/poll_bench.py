@@ -159,14 +159,15 @@ class _Watcher:
 
 def measure(real_seconds: float = 0.0, simulate: bool = True, patterns: str = "ABC",
             sizes: Sequence[int] = SIZES, work: Optional[Path] = None,
-            replay: bool = False) -> Dict[str, Dict[int, float]]:
+            replay: bool = False, given: Optional[Dict[int, object]] = None) -> Dict[str, Dict[int, float]]:
     """``{"submitit A": {1: calls, 50: calls, 500: calls}, "hpc-jobs A": {...}, ...}``: scheduler
     calls per hour. The same held arrays (submitted by hpc-jobs) are watched by submitit's own
     watcher and by ``status`` (``hpc_jobs.status.stage_states``: the poller with its shipped
     settings, ``PollerConfig()`` / ``HPC_JOBS_POLL_*``, plus the jobs' own files). ``replay``:
     during the simulated hour, a query repeated with the same arguments gets its first (real)
     answer again (the held jobs cannot change): the same counts, minutes faster; the real-time
-    window always asks the cluster."""
+    window always asks the cluster. ``given``: held runs (size -> Run) to watch instead of
+    launching them here (the caller cancels those)."""
     import submitit.core.core as sub_core
     from submitit.slurm.slurm import SlurmInfoWatcher
 
@@ -184,8 +185,11 @@ def measure(real_seconds: float = 0.0, simulate: bool = True, patterns: str = "A
     results: Dict[str, Dict[int, float]] = {}
     real_time = sub_core._time
     try:
+        from benchmarks.common import wait_for_room
+
+        wait_for_room(sum(n for n in sizes if n not in (given or {})))
         for n in sizes:
-            runs[n] = _launch_held(n, work / f"launch-{n}")
+            runs[n] = (given or {}).get(n) or _launch_held(n, work / f"launch-{n}")
             ids[n] = [f"{runs[n].stage('tasks').job_ids()[0]}_{i}" for i in range(n)]
         # let sacct see them: the lag right after submission (a refresh then costs sacct + squeue)
         # is not what we measure
@@ -249,7 +253,8 @@ def measure(real_seconds: float = 0.0, simulate: bool = True, patterns: str = "A
         sub_core._time = real_time
         pollermod._DEFAULT = saved_default
         for n in runs:
-            run("scancel", ids[n][0].split("_")[0])
+            if n in ids and n not in (given or {}):
+                run("scancel", ids[n][0].split("_")[0])
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
