@@ -24,7 +24,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -79,7 +79,49 @@ def _noop_item(x):
     return x
 
 
-def bench_submit_array(reps: int, home: Path) -> Dict[str, Dict[str, float]]:
+#: the steps of hpc_jobs.launch.launch, timed on the side (hpc_jobs' rows only): where its time goes
+PHASES = (("make_plan", "plan (workflow lookup with its entry points, config, pipeline)"),
+          ("preview_jobs", "render"),
+          ("preflight", "preflight (partitions, `sbatch --test-only`)"),
+          ("record_run", "record (run directory, runner pickle, run.json, the snapshot moved in)"),
+          ("start", "submit (the script for its job ids, ONE sbatch, run.json with the job ids, fsync)"))
+
+
+@contextlib.contextmanager
+def timed_phases(into: Dict[str, List[float]]) -> Iterator[None]:
+    """Time each of :data:`PHASES` in ``hpc_jobs.launch`` while inside (one sample per call)."""
+    import time
+
+    from hpc_jobs import launch as launchmod
+
+    saved = {name: getattr(launchmod, name) for name, _ in PHASES}
+
+    def wrap(name, fn):
+        def timed_fn(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                into.setdefault(name, []).append(time.perf_counter() - t0)
+        return timed_fn
+
+    for name, fn in saved.items():
+        setattr(launchmod, name, wrap(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(launchmod, name, fn)
+
+
+def phase_note(phases: Dict[str, List[float]]) -> str:
+    import statistics
+
+    parts = [f"{label} {statistics.median(phases[name]) * 1000:.0f} ms" for name, label in PHASES if phases.get(name)]
+    return "Where hpc-jobs' time goes (medians of its repetitions): " + "; ".join(parts) + "."
+
+
+def bench_submit_array(reps: int, home: Path, phases: Optional[Dict[str, List[float]]] = None) -> Dict[str, Dict[str, float]]:
     import subprocess
 
     import submitit
@@ -103,7 +145,8 @@ def bench_submit_array(reps: int, home: Path) -> Dict[str, Dict[str, float]]:
         ids.append(jobs[0].job_id.split("_")[0])
 
     def hpc_jobs():
-        result = launch(LaunchRequest(workflow="bench_array", cluster="devcluster"), echo=lambda s: None)
+        with timed_phases(phases if phases is not None else {}):
+            result = launch(LaunchRequest(workflow="bench_array", cluster="devcluster"), echo=lambda s: None)
         ids.extend(result.run.stage("tasks").job_ids())
 
     def clean():
@@ -135,7 +178,8 @@ def report(reps: int, home: Path) -> str:
     from benchmarks.common import wait_for_room
 
     wait_for_room(3 * TASKS * reps)  # cancelled tasks stay job records for MinJobAge
-    results = bench_submit_array(reps, home)
+    phases: Dict[str, List[float]] = {}
+    results = bench_submit_array(reps, home, phases)
     sub = results[f"plain submitit: map_array over {TASKS} items"]["median"]
     ours = results[f"hpc-jobs launch: Stage(array={TASKS}) (preflight + ledger + submit)"]["median"]
     ratio = ours / sub if sub else float("inf")
@@ -143,7 +187,7 @@ def report(reps: int, home: Path) -> str:
              "hpc-jobs does more than submitit here: preflight (scheduler partitions, `sbatch --test-only`), the run "
              "record and the code snapshot, with the scheduler's facts and the snapshot taken in threads while it "
              "plans and checks; its array tasks write their own submitit pickles when they start, so it writes no "
-             f"file per task (submitit writes {TASKS} pickles before its sbatch)."]
+             f"file per task (submitit writes {TASKS} pickles before its sbatch).", "", phase_note(phases)]
     return table(f"submit: an array of {TASKS} tasks to the dev cluster (held, cancelled after each repetition)",
                  results, BASELINE, notes=notes)
 

@@ -197,6 +197,7 @@ def cmd_launch(workflow: str, argv: List[str], extra_overrides: Optional[Dict[st
     parser = launch_parser(workflow, wf.summary, wf.config_help(), wf.presets)
     args = parser.parse_args(argv)
     req = _launch_request(workflow, args, shown_argv or argv, ["launch.py"])
+    req.workflow_class = wf  # looked up (and checked for clashes) above
     if extra_overrides:
         req.overrides.update(extra_overrides)
     if args.show_config:

@@ -47,6 +47,9 @@ class LaunchRequest:
     sweep_parallel: Optional[int] = None
     right_size: bool = False  # --right-size: mem/time/cpus from earlier runs (hpc_jobs/efficiency.py)
     resources_from: Optional[str] = None  # --resources-from RUN: from that run
+    #: the workflow's class when the caller looked it up already (the CLI does, for its --help):
+    #: make_plan then skips a second lookup (it reads every installed package's entry points)
+    workflow_class: Optional[type] = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -95,7 +98,7 @@ class Plan:
 
 # -- planning ------------------------------------------------------------------------------------
 def make_plan(req: LaunchRequest) -> Plan:
-    wf_cls = wfmod.get(req.workflow)
+    wf_cls = req.workflow_class if getattr(req.workflow_class, "name", None) == req.workflow else wfmod.get(req.workflow)
     profile = profmod.load(req.cluster)
     opts = dataclasses.replace(req.options, local=(profile.backend == "local"))
     if opts.gpus < 0 or opts.nodes < 1:

@@ -59,3 +59,20 @@ def test_resume_decides_on_a_fresh_answer(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="still queued or running"):  # nothing is submitted
         launchmod.resume(result.run, echo=lambda s: None)
     assert asked == [True]
+
+
+def test_a_cli_launch_looks_the_workflow_up_once(tmp_path, monkeypatch, capsys):
+    """Each lookup reads every installed package's entry points: the CLI's one is handed on."""
+    from hpc_jobs import cli, workflow
+
+    monkeypatch.setenv("HPC_JOBS_HOME", str(tmp_path))
+    calls = []
+    real = workflow.get
+
+    def get(name):
+        calls.append(name)
+        return real(name)
+
+    monkeypatch.setattr(workflow, "get", get)
+    assert cli.main(["demo", "--cluster", "local", "--dry-run", "--json"]) == 0
+    assert calls == ["demo"]
