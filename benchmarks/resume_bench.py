@@ -83,7 +83,8 @@ def usr2(job_id: str) -> float:
 #: the phases between the signal and the first step, each measured from the signal (report notes)
 PHASES = ("the old process stopped (checkpoint written; hpc-jobs' trail only)",
           "the new process's job start (Slurm's StartTime, whole seconds)",
-          "the new process entering the stage (its trail's start line)")
+          "the new process entering the stage (its trail's start line)",
+          "its first training step")
 
 
 def _recover(trail: Path, job_id: str, phases: Optional[Dict[str, List[float]]] = None) -> float:
@@ -99,7 +100,8 @@ def _recover(trail: Path, job_id: str, phases: Optional[Dict[str, List[float]]] 
         old = [r["time"] for r in rows if r.get("event") == "stop" and sent < r["time"] <= firsts[0]["time"]]
         starts = [r["time"] for r in rows if r.get("event") == "start" and r["time"] > sent]
         began = _start_time(job_id)
-        for name, value in zip(PHASES, (max(old) if old else None, began, starts[0] if starts else None)):
+        for name, value in zip(PHASES, (max(old) if old else None, began, starts[0] if starts else None,
+                                        firsts[0]["time"])):
             if value is not None:
                 phases.setdefault(name, []).append(value - sent)
     return firsts[0]["time"] - sent
@@ -267,7 +269,12 @@ def report(reps: int, work: Path, note: Optional[str] = None) -> str:
                      f"{'reached' if ratio <= 1.0 else 'NOT reached'}).")
     where = phase_lines(out.get("phases") or {})
     if where:
-        notes += ["", "Where the time goes:", ""] + where
+        notes += ["", "Where the time goes:", ""] + where + [
+            "", "Both wait for Slurm to hold and restart the requeued job and for a new process to start. submitit's "
+            "callable carries torch objects, so unpickling it imports torch before its trail's start line, and its "
+            "state is in memory from then on; hpc-jobs' stage imports torch and the workflow's model code after it "
+            "starts, then builds the model and data and loads and verifies the checkpoint (file and manifest) before "
+            "its first step. The seconds from the stage's start to its first step are that difference."]
     notes += [f"Failed: {f}" for f in out["failures"]]
     title = "resume: seconds from the requeue signal (USR2) to the first training step after the restart"
     if BASELINE not in out["results"]:
