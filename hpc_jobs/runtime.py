@@ -31,6 +31,8 @@ from .spec import BestCheckpoint, Input
 log = logging.getLogger("hpc_jobs")
 
 RUNNER_FILE = "runner.pkl"
+ALIVE_FILE = "alive"  # touched by a running task's rank 0 every ALIVE_EVERY_S
+ALIVE_EVERY_S = 30.0
 
 
 def task_dir(stage_dir: Path, task: Optional[int]) -> Path:
@@ -42,6 +44,40 @@ def task_dir(stage_dir: Path, task: Optional[int]) -> Path:
 
 def marker_path(stage_dir: Path, task: Optional[int]) -> Path:
     return task_dir(stage_dir, task) / "state.json"
+
+
+def alive_path(stage_dir: Path, task: Optional[int]) -> Path:
+    return task_dir(stage_dir, task) / ALIVE_FILE
+
+
+class _Alive:
+    """While a task runs, its rank 0 touches ``alive`` every ALIVE_EVERY_S seconds (a daemon
+    thread, so a step that holds the main thread for an hour still shows). ``status`` trusts a
+    RUNNING marker without asking the scheduler only while this is fresh: a job killed from
+    outside (time limit, memory, scancel, its node gone) stops touching it and is asked about."""
+
+    def __init__(self, path: Path) -> None:
+        import threading
+
+        self.path = path
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="hpc-jobs-alive", daemon=True)
+
+    def start(self) -> "_Alive":
+        self.path.touch()
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self.stopped.wait(ALIVE_EVERY_S):
+            try:
+                self.path.touch()
+            except OSError as exc:  # a full or unmounted file system: say so once, keep the job running
+                log.warning("cannot touch %s (%s): status will ask the scheduler about this job", self.path, exc)
+                return
+
+    def stop(self) -> None:
+        self.stopped.set()
 
 
 def read_marker(stage_dir: Path, task: Optional[int] = None) -> Optional[Dict[str, Any]]:
@@ -269,8 +305,10 @@ class StageRunner:
         what = f"stage {self.stage}" + (f" task {self.task_index}/{self.num_tasks}" if self.task_index is not None else "")
         print(f"[hpc_jobs] attempt {base['attempt'] + 1} of {what} on {base['host']}"
               + (f", job {base['job_id']}" if base["job_id"] else "") + f", rank {env.rank}/{env.world_size}", flush=True)
+        alive = None
         if main:
             atomic_write_json(marker, {**base, "state": "RUNNING"})
+            alive = _Alive(out_dir / ALIVE_FILE).start()
             _close_previous_attempt(stage_dir, self.task_index)
             _append_attempt(stage_dir, self.task_index, {"event": "start", "job_id": base["job_id"],
                                                          "attempt": base["attempt"], "host": base["host"]})
@@ -319,6 +357,9 @@ class StageRunner:
                     },
                 )
             raise
+        finally:
+            if alive is not None:
+                alive.stop()
         _ignore_requeue_signal()
         shown = result if _jsonable(result) else repr(result)
         print(f"[hpc_jobs] {what} COMPLETED in {time.time() - started:.1f} s"

@@ -31,7 +31,7 @@ from . import states as statesmod
 from .errors import UserError
 from .ledger import Run
 from .record import JobRecord, StageRecord
-from .runtime import marker_path, read_marker, task_dir
+from .runtime import ALIVE_EVERY_S, alive_path, marker_path, read_marker, task_dir
 
 FAILED_LIKE = statesmod.FAILED
 ACTIVE_LIKE = statesmod.ACTIVE
@@ -477,6 +477,8 @@ def _task_from_scheduler(rec: StageRecord, stage_dir: Path, task: Optional[int],
     # a failure it reported since the answer: Slurm cancels its dependents (kill-on-invalid-dep),
     # which no job reports; and the scheduler's exit code and state follow
     loud = loud or (reported and mstate == "FAILED")
+    # a job that said it runs and then went silent: only the scheduler knows what became of it
+    loud = loud or (mstate == "RUNNING" and known and info.state in ACTIVE_STATES and _silent(stage_dir, task, now))
     if known and not reported:
         ts.state = info.state
         ts.elapsed, ts.node = info.elapsed, info.node if info.node not in ("None assigned",) else ""
@@ -649,6 +651,22 @@ def _cancelled_upstream(run: Run, out: Dict[str, StageState]) -> None:
         if bad:
             st.state = "CANCELLED"
             st.reason = f"upstream stage {bad[0]} ended {out[bad[0]].state}: DependencyNeverSatisfied"
+
+
+#: a RUNNING job whose ``alive`` file is older than this has stopped reporting itself
+ALIVE_STALE_S = 3 * ALIVE_EVERY_S
+
+
+def _silent(stage_dir: Path, task: Optional[int], now: float) -> bool:
+    """The task's marker says RUNNING but its rank 0 stopped touching ``alive`` (killed from
+    outside, its node gone). Without the file (a job of an older hpc-jobs, or one that could not
+    write it), the marker's own age stands in."""
+    for path in (alive_path(stage_dir, task), marker_path(stage_dir, task)):
+        try:
+            return now - path.stat().st_mtime > ALIVE_STALE_S
+        except OSError:
+            continue
+    return True
 
 
 def _newer(stage_dir: Path, task: Optional[int], than: float) -> bool:

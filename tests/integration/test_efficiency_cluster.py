@@ -7,7 +7,9 @@ The jobs ask `--acctg-freq=1`: Slurm samples a job's memory every JobAcctGatherF
 (30 on the dev cluster), too seldom for a 5-second stage. The runs start at once; the TIMEOUT
 one (a 1-minute limit, which the dev cluster enforces at ~60-90 s) sets the test's length. The dev
 cluster has no cgroups: Slurm's accounting enforces --mem (JobAcctGatherParams=OverMemoryKill) and
-records that kill as FAILED; the sacct peak at the request is what makes it OUT_OF_MEMORY here."""
+records that kill as FAILED; the sacct peak at the request is what makes it OUT_OF_MEMORY here.
+Both killed jobs die without a word: status learns of it from the scheduler once their `alive`
+file is 90 s old (hpc_jobs/status.py), hence the longer waits."""
 
 from __future__ import annotations
 
@@ -88,7 +90,7 @@ def test_efficiency_from_sacct_and_right_sizing(slurm_cluster):
     assert "cmd: time 01:00:00 -> 00:06:00 (longest 00:00:" in dry
 
     # the stage killed for memory: FAILED in Slurm's words, the memory hint, twice the memory next time
-    st = wait_for(ended("greedy", memory=True), 90, "the 400 MB stage in 150M to be killed", poll=1.0)
+    st = wait_for(ended("greedy", memory=True), 240, "the 400 MB stage in 150M to be killed", poll=1.0)
     assert st["state"] == "FAILED" and st["efficiency"]["peak_mem_mb"] >= 150, st
     text = cli(home, "status", "greedy").stdout
     assert "exceeded job memory limit" in text.lower() or "exceeded memory limit" in text.lower(), text
@@ -97,7 +99,7 @@ def test_efficiency_from_sacct_and_right_sizing(slurm_cluster):
     assert "cmd: mem 2G -> 320M (the last run was OUT_OF_MEMORY at 150M: x2)" in dry, dry
 
     # the stage killed at its 1-minute limit gets 2 minutes, not less
-    st = wait_for(ended("stuck"), 150, "the 1-minute stage to reach its time limit", poll=2.0)
+    st = wait_for(ended("stuck"), 240, "the 1-minute stage to reach its time limit", poll=2.0)
     assert st["state"] == "TIMEOUT", st
     dry = cli(home, *run_opts, "--resources-from", "stuck", "--dry-run", "--", "python", "-c", "pass").stdout
     assert _sbatch_value(dry, "time") == "00:02:00", dry

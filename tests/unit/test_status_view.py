@@ -238,6 +238,33 @@ def test_a_jobs_own_reports_show_at_once_without_asking_the_scheduler(tmp_path, 
     assert stage_states(run)["prep"].state == "PENDING"
 
 
+def test_a_running_job_that_went_silent_is_asked_about_not_trusted_for_600_s(tmp_path, fake_slurm, monkeypatch):
+    """Rank 0 touches ``alive`` every 30 s; a job killed from outside (its time limit with the
+    signal ignored, memory, scancel, its node) stops, and after 90 s the scheduler is asked."""
+    import os
+
+    monkeypatch.setenv("HPC_JOBS_POLL_MIN_S", "0.2")
+    monkeypatch.setenv("HPC_JOBS_POLL_MAX_S", "0.2")
+    fake_slurm.set(jobs={"23": {"state": "RUNNING"}})
+    run = _make_run(tmp_path, backend="slurm")
+    _update(run, "prep", state="SUBMITTED", jobs=[{"job_id": "23"}])
+    run.save()
+    _marker(run, "prep", state="RUNNING", job_id="23", host="n1")
+    alive = run.stage_dir("prep") / "alive"
+    alive.touch()
+    assert stage_states(run)["prep"].state == "RUNNING"
+    calls = fake_slurm.calls()
+    time.sleep(0.3)
+    stage_states(run)
+    assert fake_slurm.calls() == calls, "alive and reporting: quiet"
+    fake_slurm.set(jobs={"23": {"state": "TIMEOUT"}})
+    old = time.time() - 100
+    os.utime(alive, (old, old))  # silent for 100 s
+    time.sleep(0.3)
+    st = stage_states(run)["prep"]
+    assert fake_slurm.calls() == calls + 1 and st.state == "TIMEOUT", (fake_slurm.calls(), st.state)
+
+
 def test_a_running_job_that_has_not_reported_itself_is_asked_at_the_normal_interval(tmp_path, fake_slurm, monkeypatch):
     monkeypatch.setenv("HPC_JOBS_POLL_MIN_S", "0.2")
     monkeypatch.setenv("HPC_JOBS_POLL_MAX_S", "0.2")
