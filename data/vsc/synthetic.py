@@ -4,11 +4,16 @@ images beside it (the isc generator writes them).
 ``generate(root)`` writes::
 
     root/train/query/Q100000.mp4 ...       # queries: a distractor video with a copied segment spliced in
-    root/train/reference/R100000.mp4 ...   # references: a window panning over a procedural picture
+    root/train/reference/R100000.mp4 ...   # references: shots of a window panning over procedural pictures
     root/test/reference/R200000.mp4 ...    # noise: the same kind of videos, copied into no query
     root/train/train_matching_ground_truth.csv, root/train/*_metadata.csv, root/test/*_metadata.csv
     root/disc21/...                        # training images (data/isc/synthetic.py, DISC21 layout)
     root/SYNTHETIC.json, root/README.txt   # say loudly that this is not the VSC data
+
+Every video (reference, noise, the query's own footage) is a sequence of shots, each a window
+panning over its own procedural picture, cut to the next, so what a video shows changes over
+time as in real footage: a copied segment has one place in its reference, which the temporal
+localisation can find (a single slow pan looks alike everywhere, so any reference span would do).
 
 A copied query: a segment of a reference (its frames one for one, so the same speed) goes
 through one copy edit of the ISC kind (crop, colour, text, blur... ``data.isc.augment.query_edit``
@@ -36,18 +41,18 @@ from data.isc import augment
 from data.isc import synthetic as disc21
 
 MARKER = "SYNTHETIC.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: videos are shots of several pictures (1: one pan per video)
 
 PRESETS: Dict[str, Dict[str, Any]] = {
     # unit tests: a second or two
-    "micro": dict(references=4, queries=4, copied=3, noise=2, fps=4, seconds=(4, 6), segment=(2, 3),
+    "micro": dict(references=4, queries=4, copied=3, noise=2, fps=4, seconds=(4, 6), segment=(2, 3), shot=(1.5, 3),
                   width=64, height=48, picture=96, edits="moderate", disc21="micro"),
     # the tiny preset's pipeline (CI, the dev cluster, a laptop)
-    "tiny": dict(references=20, queries=24, copied=16, noise=10, fps=4, seconds=(6, 10), segment=(2.5, 4.5),
-                 width=96, height=80, picture=160, edits="moderate", disc21="tiny"),
+    "tiny": dict(references=20, queries=36, copied=24, noise=20, fps=4, seconds=(6, 10), segment=(2.5, 4.5),
+                 shot=(1.5, 3), width=96, height=80, picture=160, edits="moderate", disc21="tiny"),
     # a larger demo for a GPU
     "small": dict(references=200, queries=300, copied=150, noise=200, fps=8, seconds=(10, 30), segment=(3, 10),
-                  width=224, height=168, picture=320, edits="strong", disc21="small"),
+                  shot=(2, 5), width=224, height=168, picture=320, edits="strong", disc21="small"),
 }
 DEFAULT_PRESET = "tiny"
 FIRST_ID = {"query": 100000, "reference": 100000, "noise": 200000}
@@ -58,6 +63,7 @@ def _params(preset: str, overrides: Dict[str, Any], seed: int) -> Dict[str, Any]
         raise ValueError(f"synthetic preset '{preset}' is unknown: use one of {', '.join(PRESETS)}")
     params = {**PRESETS[preset], **overrides, "seed": int(seed), "format": FORMAT_VERSION}
     params["seconds"], params["segment"] = list(params["seconds"]), list(params["segment"])
+    params["shot"] = list(params["shot"])
     if not 0 <= params["copied"] <= params["queries"]:
         raise ValueError(f"{params['copied']} copied queries out of {params['queries']}")
     if params["segment"][1] > params["seconds"][0]:
@@ -76,6 +82,18 @@ def pan_video(picture: np.ndarray, rng: np.random.Generator, frames: int, width:
         x, y = (start * (1 - t) + end * t).astype(int)
         out[i] = cv2.resize(picture[y:y + win, x:x + win], (width, height), interpolation=cv2.INTER_AREA)
     return out
+
+
+def shot_video(rng: np.random.Generator, frames: int, width: int, height: int, side: int,
+               shot: tuple, fps: float) -> np.ndarray:
+    """``frames`` RGB frames: shots of ``shot`` seconds (uniform in the range), each a
+    :func:`pan_video` over a new procedural picture of ``side`` px."""
+    out, done = [], 0
+    while done < frames:
+        n = min(frames - done, max(1, int(round(rng.uniform(*shot) * fps))))
+        out.append(pan_video(disc21.procedural_image(rng, side), rng, n, width, height))
+        done += n
+    return np.concatenate(out)
 
 
 def write_video(path: Path, frames: np.ndarray, fps: float) -> None:
@@ -147,7 +165,7 @@ def generate(root: str | os.PathLike, preset: str = DEFAULT_PRESET, seed: int = 
 
     def video(rng: np.random.Generator) -> np.ndarray:
         frames = int(round(rng.uniform(*params["seconds"]) * fps))
-        return pan_video(disc21.procedural_image(rng, side), rng, frames, width, height)
+        return shot_video(rng, frames, width, height, side, params["shot"], fps)
 
     def meta(video_id: str, frames: np.ndarray) -> Dict[str, Any]:
         return {"video_id": video_id, "duration_sec": f"{len(frames) / fps:.3f}", "frames_per_sec": fps,

@@ -79,3 +79,29 @@ def test_uniform_frames_and_times(micro):
     assert len(frames.times) == 8 and np.all(np.diff(frames.times) > 0) and frames.times[-1] < frames.duration
     with pytest.raises(OSError, match="cannot open"):
         sample_frames(root / "nothing.mp4", 4)
+
+
+def test_references_change_content_over_time(micro):
+    """Every video is shots of several pictures: frames a shot apart differ far more than
+    neighbouring frames of one shot (a copied segment has one place in its reference)."""
+    root, _ = micro
+    frames = sample_frames(VscLayout(root).videos("reference")[1][0], 1000).images.astype(np.float32)
+    steps = np.abs(np.diff(frames, axis=0)).mean(axis=(1, 2, 3))
+    assert steps.max() > 8 * np.median(steps), steps  # at least one cut, and pans are smooth between cuts
+
+
+def test_copy_edit_views_are_the_image_and_a_copy_edit_of_it(micro):
+    import torch
+
+    from data.isc.layout import Disc21, list_images
+    from data.vsc.train_views import CopyEditViews
+
+    root, _ = micro
+    _, paths = list_images(Disc21(root / "disc21").training, "training")
+    np.random.seed(0)
+    ds = CopyEditViews(paths, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), ncrops=3)
+    images, labels = ds[2]
+    assert images.shape == (3, 3, 32, 32) and labels.tolist() == [2, 2, 2]
+    assert not torch.equal(images[0], images[1]) and not torch.equal(images[1], images[2])
+    with pytest.raises(ValueError, match="strength"):
+        CopyEditViews(paths, 32, (0.5,) * 3, (0.5,) * 3, strength="gentle")
