@@ -44,4 +44,4 @@ def test_vsc_chain_runs_as_dependent_slurm_jobs(slurm_cluster, home):
         assert "engine: deepspeed on 2 rank(s)" in log, log[-3000:]
     assert states["train_v45"]["result"]["handoff"] == "init train_v46"
     result = states["eval"]["result"]
-    assert 0.0 <= result["segment_ap"] <= 1.0 and result["ground_truth_pairs"] == 16, result
+    assert 0.0 <= result["segment_ap"] <= 1.0 and result["ground_truth_pairs"] == 24, result

@@ -45,10 +45,11 @@ def test_every_stage_completes_with_zero2_and_resized_position_embeddings(runs):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "known gap (issue 13): the tiny ViT does not learn transferable features on the synthetic set "
-    "(loss flat at ~0.7 in all four stages) and random ViT patch features are already a strong "
-    "baseline; the proposed fix is a small conv stem for the tiny model and reference videos whose "
-    "content changes over time"))
+    "known gap (issue 13): with the ResNet-stem tiny ViT, copy-edit views, lr 0.05 and late memory "
+    "banks the trained chain beats the untrained one on segment AP by less than 0.1 (0.39 vs 0.32 "
+    "measured) and loses on pair micro AP (0.29 vs 0.42): a network from scratch does not learn the "
+    "copy-edit invariance in ~200 CPU steps (its contrastive loss stays at ~0.6), and random "
+    "ViT/ResNet features are a strong baseline on the synthetic set"))
 def test_training_clearly_beats_the_untrained_chain(runs):
     home, _, untrained = runs
     base = status_json(home, "untrained")
@@ -67,11 +68,11 @@ def test_outputs_have_the_challenge_formats(runs):
     home, trained, _ = runs
     run_dir = _run_dir(home, "trained")
     with h5py.File(run_dir / "stages" / "extract" / "descriptors.h5") as f:
-        assert f["query"].shape[1] == 128 and len(f["query_ids"]) == 24 and len(f["noise_ids"]) == 10
-        assert f["query_offsets"][-1] == f["query"].shape[0] == 24 * 16
+        assert f["query"].shape[1] == 128 and len(f["query_ids"]) == 36 and len(f["noise_ids"]) == 20
+        assert f["query_offsets"][-1] == f["query"].shape[0] == 36 * 16
     with open(run_dir / "stages" / "match" / "matches.csv", newline="") as fh:
         rows = list(csv.reader(fh))
     assert rows[0] == ["query_id", "ref_id", "query_start", "query_end", "ref_start", "ref_end", "score"]
     assert len(rows) > 1 and all(float(r[3]) > float(r[2]) and float(r[5]) > float(r[4]) for r in rows[1:])
     metrics = json.loads((run_dir / "stages" / "eval" / "metrics.json").read_text())
-    assert metrics["ground_truth_pairs"] == 16 and "vsc eval: segment AP" in trained.stdout
+    assert metrics["ground_truth_pairs"] == 24 and "vsc eval: segment AP" in trained.stdout
