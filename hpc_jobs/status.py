@@ -4,8 +4,8 @@ The scheduler's answer is the base while it knows a job; every read goes through
 :mod:`hpc_jobs.poller` (one cached call for all of a user's jobs). When the scheduler does not know
 a job (no accounting, or it left ``squeue`` after MinJobAge), the marker the stage wrote
 (``state[.<task>].json``, with its job id) tells how it ended; a job neither knows is UNKNOWN,
-never assumed dead. A marker newer than the cached answer is the newer truth (the stage wrote
-RUNNING, COMPLETED, FAILED or REQUEUED itself) and is shown as it is: the jobs report their own
+never assumed dead. A marker newer than the cached answer saying the stage started or was requeued
+is shown as it is, and one saying it ended makes the read urgent: the jobs report their own
 changes, so a healthy run needs the scheduler only every 600 s (:func:`stage_states`).
 
 Each stage also gets its progress (``heartbeat.json``: step/total_steps, eta_s, loss; flagged
@@ -432,12 +432,13 @@ def stage_states(run: Run, triage: bool = True, now: Optional[float] = None, fre
     answer at most the poller's minimum interval old (for decisions such as resume).
 
     The jobs report themselves: a job's start, end, failure and requeue are in its marker the
-    moment they happen, and a marker newer than the scheduler's answer is shown as it is. So the
-    poller is asked ``quiet`` (its answer may be up to 600 s old: what only the scheduler can tell
-    is a change from outside, an admin's scancel or a job that died before it could write) unless
-    some job needs the scheduler sooner: one it runs that has not reported itself (starting, or
-    silent), one that reported its end while a newer answer still runs it, one that reported a
-    failure since the answer, or a queued one whose parent stage failed (Slurm cancels such
+    moment they happen; a start or requeue newer than the scheduler's answer is shown as it is. So
+    the poller is asked ``quiet`` (its answer may be up to 600 s old: what only the scheduler can
+    tell is a change from outside, an admin's scancel or a job that died before it could write)
+    unless some job needs the scheduler sooner: one that reported its end since the answer (asked
+    now, urgent: its state, exit code and what Slurm does to its dependents follow), one it runs
+    that has not reported itself (starting, or silent), one that ended per its marker before a
+    newer answer that still runs it, or a queued one whose parent stage failed (Slurm cancels such
     dependents, which no job reports); then the poller's normal 2-30 s interval applies."""
     from . import poller, slurm
 
@@ -445,24 +446,30 @@ def stage_states(run: Run, triage: bool = True, now: Optional[float] = None, fre
     ids = run_job_ids(run)
     use_sched = bool(ids) and slurm.available()
     snap = poller.query(ids, urgent=fresh, quiet=not fresh) if use_sched else poller.Snapshot({})
-    out, loud = _merge(run, snap, triage, now)
-    if loud and use_sched and not snap.called and not fresh:
-        again = poller.query(ids)
+    out, need = _merge(run, snap, triage, now)
+    if need and use_sched and not snap.called and not fresh:
+        again = poller.query(ids, urgent=need >= URGENT)
         if again.called:
             out, _ = _merge(run, again, triage, now)
     return out
 
 
-#: what a job writes into its marker itself (hpc_jobs/runtime.py), shown when newer than the scheduler's answer
-SELF_REPORTED = ("RUNNING", "COMPLETED", "FAILED", "REQUEUED")
+#: what a job writes into its marker itself (hpc_jobs/runtime.py) and status shows as it is when newer
+#: than the scheduler's answer: its start and its requeue. Its end (COMPLETED, FAILED) is shown once
+#: the scheduler has it too (Slurm starts or cancels the dependents then, and has the exit code): the
+#: end makes the read urgent instead
+SELF_REPORTED = ("RUNNING", "REQUEUED")
+#: what a task needs of the scheduler: nothing before the quiet interval, the normal interval, now
+QUIET, LOUD, URGENT = 0, 1, 2
 
 
 def _task_from_scheduler(rec: StageRecord, stage_dir: Path, task: Optional[int], snap, answered_at: float,
-                         ts: TaskState, now: float, files: bool = True, raw_marker: Any = False) -> bool:
-    """Fill ``ts`` from the scheduler's answer and the task's marker (the newer of the two wins);
-    True when the task needs the scheduler soon: it runs per the answer without a marker of its
-    own (starting, or silent), its marker says it ended while a newer answer still has it
-    active, or it reported a failure since the answer (Slurm then cancels its dependents)."""
+                         ts: TaskState, now: float, files: bool = True, raw_marker: Any = False) -> int:
+    """Fill ``ts`` from the scheduler's answer and the task's marker (a start or requeue it reported
+    since the answer is shown as reported); return what it needs of the scheduler: URGENT when it
+    reported its end since the answer that still has it active, LOUD when it runs per the answer
+    without a marker of its own (starting, or silent), went silent after its start, or ended per
+    its marker before a newer answer that still runs it, else QUIET."""
     from .slurm import ACTIVE_STATES, format_elapsed
 
     tid = rec.slurm_id(task)
@@ -470,15 +477,16 @@ def _task_from_scheduler(rec: StageRecord, stage_dir: Path, task: Optional[int],
     info = snap.get(tid) if tid else None
     marker = _marker_state(stage_dir, task, tid, raw_marker) if files else None  # files: its directory exists
     mstate = marker.get("state") if marker else None
-    reported = mstate in SELF_REPORTED and _newer(stage_dir, task, answered_at)
+    newer = mstate is not None and _newer(stage_dir, task, answered_at)
+    reported = mstate in SELF_REPORTED and newer
     known = info is not None and info.state != "UNKNOWN"
-    loud = known and ((info.state == "RUNNING" and marker is None)
-                      or (info.state in ACTIVE_STATES and mstate in ("COMPLETED", "FAILED") and not reported))
-    # a failure it reported since the answer: Slurm cancels its dependents (kill-on-invalid-dep),
-    # which no job reports; and the scheduler's exit code and state follow
-    loud = loud or (reported and mstate == "FAILED")
+    # its end, per its marker, while the answer still has it active: Slurm's own end follows (and
+    # what it does to the dependents, the exit code): asked now when reported since the answer
+    ended = known and info.state in ACTIVE_STATES and mstate in ("COMPLETED", "FAILED")
+    loud = known and ((info.state == "RUNNING" and marker is None) or (ended and not newer))
     # a job that said it runs and then went silent: only the scheduler knows what became of it
     loud = loud or (mstate == "RUNNING" and known and info.state in ACTIVE_STATES and _silent(stage_dir, task, now))
+    need = URGENT if ended and newer else LOUD if loud else QUIET
     if known and not reported:
         ts.state = info.state
         ts.elapsed, ts.node = info.elapsed, info.node if info.node not in ("None assigned",) else ""
@@ -505,7 +513,7 @@ def _task_from_scheduler(rec: StageRecord, stage_dir: Path, task: Optional[int],
         ts.result = marker["result"]
     if ts.state in ("PENDING", "SUBMITTED"):
         ts.elapsed, ts.exit_code = "", ""
-    return loud
+    return need
 
 
 def _task_here(rec: StageRecord, stage_dir: Path, task: Optional[int], now: float, ts: TaskState) -> None:
@@ -526,11 +534,11 @@ def _task_here(rec: StageRecord, stage_dir: Path, task: Optional[int], now: floa
             ts.elapsed = _fmt_elapsed(float(marker["elapsed_s"]))
 
 
-def _merge(run: Run, snap, triage: bool, now: Optional[float]) -> Tuple[Dict[str, StageState], bool]:
+def _merge(run: Run, snap, triage: bool, now: Optional[float]) -> Tuple[Dict[str, StageState], int]:
     now = time.time() if now is None else now
     answered_at = now - snap.age_s if snap.age_s != float("inf") else 0.0
     out: Dict[str, StageState] = {}
-    loud = False
+    need = QUIET
     for rec in run.in_order():
         name = rec.name
         stage_dir = run.stage_dir(name)
@@ -544,7 +552,7 @@ def _merge(run: Run, snap, triage: bool, now: Optional[float]) -> Tuple[Dict[str
             files = present is None or task is None or str(task) in present
             marker = _safe_marker(stage_dir, task) if files else None  # read once per task
             if scheduled:
-                loud |= _task_from_scheduler(rec, stage_dir, task, snap, answered_at, ts, now, files, marker)
+                need = max(need, _task_from_scheduler(rec, stage_dir, task, snap, answered_at, ts, now, files, marker))
             else:
                 _task_here(rec, stage_dir, task, now, ts)
             if not files:
@@ -579,10 +587,11 @@ def _merge(run: Run, snap, triage: bool, now: Optional[float]) -> Tuple[Dict[str
                                for i in rec.inputs.values() if i.get("kind") in ("init", "resume"))
         out[name] = st
     _cancelled_upstream(run, out)
-    loud = loud or _doomed(run, out)
+    if _doomed(run, out):
+        need = max(need, LOUD)
     if triage:
         _triage(run, out)
-    return out, loud
+    return out, need
 
 
 def _doomed(run: Run, out: Dict[str, StageState]) -> bool:

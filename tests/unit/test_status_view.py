@@ -213,8 +213,9 @@ def test_slurm_failure_shows_the_slurm_state_and_one_query_for_the_run(tmp_path,
 
 
 def test_a_jobs_own_reports_show_at_once_without_asking_the_scheduler(tmp_path, fake_slurm, monkeypatch):
-    """Start, end: the job writes them into its marker; status shows them from there, and while
-    every job reports itself the scheduler is asked only every HPC_JOBS_POLL_QUIET_S (600 s)."""
+    """Its start: the job writes it into its marker; status shows it from there, and while every
+    job reports itself the scheduler is asked only every HPC_JOBS_POLL_QUIET_S (600 s). Its end
+    makes the next read ask at once (Slurm's end, exit code and the dependents follow it)."""
     monkeypatch.setenv("HPC_JOBS_POLL_MIN_S", "0.2")
     monkeypatch.setenv("HPC_JOBS_POLL_MAX_S", "0.2")
     fake_slurm.set(jobs={"21": {"state": "PENDING"}})
@@ -230,12 +231,36 @@ def test_a_jobs_own_reports_show_at_once_without_asking_the_scheduler(tmp_path, 
     _marker(run, "prep", state="RUNNING", job_id="21", host="n2", started="2026-01-01T00:00:00+00:00")
     st = stage_states(run)["prep"]
     assert (st.state, st.node, st.raw_state) == ("RUNNING", "n2", "RUNNING (marker)") and st.elapsed
+    assert fake_slurm.calls() == 1
+    time.sleep(0.3)
+    fake_slurm.set(jobs={"21": {"state": "COMPLETED"}})
     _marker(run, "prep", state="COMPLETED", job_id="21", result={"x": 1}, elapsed_s=3.0)
     st = stage_states(run)["prep"]
-    assert st.state == "COMPLETED" and st.result == {"x": 1}
-    assert fake_slurm.calls() == 1
+    assert st.state == "COMPLETED" and st.result == {"x": 1} and st.raw_state == "COMPLETED"
+    assert fake_slurm.calls() == 2, "its end: asked at once (urgent)"
     _marker(run, "prep", state="RUNNING", job_id="20")  # an earlier job's marker says nothing about 21
-    assert stage_states(run)["prep"].state == "PENDING"
+    assert stage_states(run)["prep"].state == "COMPLETED"
+
+
+def test_an_end_the_scheduler_has_not_seen_yet_shows_the_scheduler_until_it_has(tmp_path, fake_slurm, monkeypatch):
+    """The stage wrote COMPLETED; Slurm still runs the job (its other ranks, the epilogue): status
+    says RUNNING until Slurm agrees, so nothing reads "done" before its dependents can start."""
+    monkeypatch.setenv("HPC_JOBS_POLL_MIN_S", "0.2")
+    monkeypatch.setenv("HPC_JOBS_POLL_MAX_S", "0.2")
+    fake_slurm.set(jobs={"24": {"state": "RUNNING"}})
+    run = _make_run(tmp_path, backend="slurm")
+    _update(run, "prep", state="SUBMITTED", jobs=[{"job_id": "24"}])
+    run.save()
+    _marker(run, "prep", state="RUNNING", job_id="24")
+    stage_states(run)
+    time.sleep(0.3)
+    _marker(run, "prep", state="COMPLETED", job_id="24")
+    assert stage_states(run)["prep"].state == "RUNNING"  # asked at once: Slurm still runs it
+    assert fake_slurm.calls() == 2
+    time.sleep(0.3)
+    fake_slurm.set(jobs={"24": {"state": "COMPLETED"}})
+    assert stage_states(run)["prep"].state == "COMPLETED"  # loud until then: the normal interval
+    assert fake_slurm.calls() == 3
 
 
 def test_a_running_job_that_went_silent_is_asked_about_not_trusted_for_600_s(tmp_path, fake_slurm, monkeypatch):
@@ -280,10 +305,6 @@ def test_a_running_job_that_has_not_reported_itself_is_asked_at_the_normal_inter
     time.sleep(0.3)
     stage_states(run)
     assert fake_slurm.calls() == 2, "it reported itself: quiet again"
-    _marker(run, "prep", state="COMPLETED", job_id="22")  # its end, reported: shown, nothing asked
-    time.sleep(0.3)
-    assert stage_states(run)["prep"].state == "COMPLETED"
-    assert fake_slurm.calls() == 2
 
 
 def test_a_reported_failure_asks_the_scheduler_soon_for_what_slurm_does_to_the_dependents(tmp_path, fake_slurm,
