@@ -76,8 +76,13 @@ def runs_document(listing: List[Any]) -> Dict[str, Any]:
 
 
 def stage_document(run: Any, st: Any) -> Dict[str, Any]:
+    """``status RUN STAGE --json``: one stage as in ``run_document``, its efficiency (per task in
+    ``efficiency.task_list``) included once the stage has ended."""
+    from . import efficiency
+
     rec = run.stage(st.name)
+    eff = efficiency.for_run(run, {st.name: st}).stages.get(st.name)
     entry = st.as_dict()
     entry.update(schema=RUN_SCHEMA + "#stage", run=run.id, depends_on=list(rec.depends_on), array=rec.array,
-                 script=rec.script)
+                 script=rec.script, efficiency=eff.as_dict() if eff is not None and eff.tasks else None)
     return entry

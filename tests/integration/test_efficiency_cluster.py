@@ -68,6 +68,8 @@ def test_efficiency_from_sacct_and_right_sizing(slurm_cluster):
     assert 0 < e["cpu_efficiency"] <= 1.0 and e["gpu_util_mean"] is None  # no GPU: not measured
     assert e["cpu_hours"] > 0 and e["gpu_hours"] == 0
     assert e["flags"] == ["time <1%"] if e["longest_s"] < 36 else ["time 1%"], e  # ~6 s of 1 hour; memory 40-60%
+    one = json.loads(cli(home, "status", "held", "cmd", "--json").stdout)["efficiency"]  # the stage alone
+    assert one["peak_mem_mb"] == e["peak_mem_mb"] and [t["job_id"] for t in one["task_list"]] == [job]
     raw = [r for r in sacct(job)]  # the allocation row is final in sacct too
     assert raw and raw[-1]["State"] == "COMPLETED"
 
