@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from hpc_jobs.devcluster import config as C
@@ -26,12 +25,11 @@ def test_oci_conf_runs_each_task_through_the_wrapper_with_exec(tmp_path):
     assert layout.oci_conf in layout.conf_files  # recognised as ours, removed by down --purge
 
 
-def test_bundle_from_host_files_is_quick_and_idempotent(tmp_path):
+def test_bundle_from_host_files_is_idempotent(tmp_path):
+    """Built from the host's own directories (binds and links, no copies); a second build finds
+    nothing to do. (How long it takes is no test's business: no timed assertions here.)"""
     cluster = DevCluster(state_dir=tmp_path / "state", echo=lambda msg: None)
-    t0 = time.perf_counter()
     assert cluster._build_oci_bundle() == [f"built the OCI bundle {cluster.layout.oci_bundle}"]
-    seconds = time.perf_counter() - t0
-    assert seconds < 1.0, seconds
     assert cluster._build_oci_bundle() == []  # nothing changed the second time
     bundle = cluster.layout.oci_bundle
     config = json.loads((bundle / "config.json").read_text())
