@@ -1035,7 +1035,7 @@ def cmd_resume(argv: List[str]) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        os.environ.setdefault("HPC_JOBS_COMMAND", command())  # jobs' messages name the same command
+        os.environ["HPC_JOBS_COMMAND"] = command()  # jobs' messages name the same command
         if not argv or argv[0] in ("-h", "--help", "help"):
             print(top_help())
             return 0 if argv else 2

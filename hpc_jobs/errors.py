@@ -12,17 +12,17 @@ import sys
 def command() -> str:
     """How the user runs hpc-jobs, for the commands that messages suggest: ``hpc-jobs`` (the
     installed command), ``python -m hpc_jobs`` or ``python launch.py`` (the checkout's, and the
-    default). The command line exports it as HPC_JOBS_COMMAND, so jobs' messages say the same."""
-    given = os.environ.get("HPC_JOBS_COMMAND")
-    if given:
-        return given
+    default). The command line exports it as HPC_JOBS_COMMAND, so jobs' messages (whose own
+    program is submitit's or the runtime's) say the same; the program being run wins over it."""
     argv0 = sys.argv[0] if sys.argv else ""
     name = os.path.basename(argv0)
     if name == "hpc-jobs":
         return "hpc-jobs"
     if name == "__main__.py" and os.path.basename(os.path.dirname(argv0)) == "hpc_jobs":
         return "python -m hpc_jobs"
-    return "python launch.py"
+    if name == "launch.py":
+        return "python launch.py"
+    return os.environ.get("HPC_JOBS_COMMAND") or "python launch.py"
 
 
 class UserError(Exception):

@@ -240,3 +240,16 @@ def test_launchers_entry_by_path(registry, tmp_path, monkeypatch):
     monkeypatch.setenv("HPC_JOBS_LAUNCHERS", str(tmp_path / "nothere.py"))
     with pytest.raises(UserError, match="does not exist"):
         wfmod.discover()
+
+
+def test_messages_name_the_program_being_run_before_the_one_jobs_inherit(monkeypatch):
+    from hpc_jobs.errors import command
+
+    monkeypatch.setenv("HPC_JOBS_COMMAND", "python launch.py")  # e.g. left by an earlier launch in this shell
+    for argv0, expected in (("/venv/bin/hpc-jobs", "hpc-jobs"), ("/src/hpc_jobs/__main__.py", "python -m hpc_jobs"),
+                            ("launch.py", "python launch.py")):
+        monkeypatch.setattr("sys.argv", [argv0])
+        assert command() == expected
+    monkeypatch.setattr("sys.argv", ["/venv/lib/submitit/core/_submit.py"])  # inside a job: what the launch said
+    monkeypatch.setenv("HPC_JOBS_COMMAND", "hpc-jobs")
+    assert command() == "hpc-jobs"
