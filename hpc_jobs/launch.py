@@ -20,7 +20,7 @@ from . import config as cfgmod
 from . import profiles as profmod
 from . import render as rendermod
 from . import workflow as wfmod
-from .errors import PreflightError, UserError
+from .errors import PreflightError, UserError, command
 from .ledger import Run, new_run_id
 from .profiles import ClusterProfile
 from .record import StageRecord, array_directive, compress_indices, task_chunks
@@ -544,7 +544,7 @@ def start(run: Run, selection: Selection, echo: Echo, active: Optional[Dict[str,
     blocked = set(waiting) | set(run.descendants(waiting))
     for name in waiting:
         run.set_state(name, "WAITING_LOGIN",
-                      reason=f"runs on the login node once its parents complete: python launch.py resume {run.id}")
+                      reason=f"runs on the login node once its parents complete: {command()} resume {run.id}")
     for name in rest:
         if name in blocked and name not in waiting:
             run.set_state(name, "PLANNED", reason="after the login step " + ", ".join(
@@ -709,7 +709,7 @@ def resume(run: Run, echo: Echo = print) -> List[str]:
             then = f"; login step(s) {', '.join(waiting)} run when it completes (resume again then, or status --watch)" if waiting else ""
             raise UserError(
                 f"run {run.id}: stage(s) {', '.join(active)} still queued or running: wait, or "
-                f"python launch.py cancel {run.id} first{then}"
+                f"{command()} cancel {run.id} first{then}"
             )
         selection = rerun_selection(run, states)
         if not selection:

@@ -30,7 +30,7 @@ import submitit
 from submitit.core import utils as submitit_utils
 
 from .. import render as rendermod
-from ..errors import SubmitError
+from ..errors import SubmitError, command
 from ..fsutil import atomic_write_text
 from ..record import JobRecord, array_directive, task_chunks
 from ..spec import parse_time
@@ -278,7 +278,7 @@ def _submit_failed(run: Any, name: str, jobs: List[JobRecord], exc: Exception) -
     run.save()
     kept = f"stages already queued keep running ({', '.join(submitted)}); " if submitted else "nothing was queued; "
     raise SubmitError(f"sbatch refused stage '{name}': {exc}. {kept}fix the cause, then "
-                      f"`python launch.py resume {run.id}` submits the rest") from exc
+                      f"`{command()} resume {run.id}` submits the rest") from exc
 
 
 if __name__ == "__main__":
