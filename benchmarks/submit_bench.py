@@ -80,10 +80,12 @@ def _noop_item(x):
 
 
 #: the steps of hpc_jobs.launch.launch, timed on the side (hpc_jobs' rows only): where its time goes
-PHASES = (("make_plan", "plan (workflow lookup with its entry points, config, pipeline)"),
+PHASES = (("make_plan", "plan (workflow lookup, profile, config, pipeline)"),
           ("preview_jobs", "render"),
-          ("preflight", "preflight (partitions, `sbatch --test-only`)"),
-          ("record_run", "record (run directory, runner pickle, run.json, the snapshot moved in)"),
+          ("start_preflight", "preflight (the scheduler's partitions, asked in a thread at the start, checked; "
+                              "`sbatch --test-only` started)"),
+          ("record_run", "record (run directory, runner pickle, run.json, the snapshot moved in), while Slurm "
+                         "answers the test"),
           ("start", "submit (the script for its job ids, ONE sbatch, run.json with the job ids, fsync)"))
 
 
@@ -114,10 +116,16 @@ def timed_phases(into: Dict[str, List[float]]) -> Iterator[None]:
             setattr(launchmod, name, fn)
 
 
-def phase_note(phases: Dict[str, List[float]]) -> str:
+def phase_note(phases: Dict[str, List[float]], total_s: Optional[float] = None) -> str:
+    """``total_s``: the launch's median; what the phases leave of it is waiting (see below)."""
     import statistics
 
-    parts = [f"{label} {statistics.median(phases[name]) * 1000:.0f} ms" for name, label in PHASES if phases.get(name)]
+    medians = {name: statistics.median(phases[name]) for name, _ in PHASES if phases.get(name)}
+    parts = [f"{label} {medians[name] * 1000:.0f} ms" for name, label in PHASES if name in medians]
+    if total_s is not None:
+        rest = max(0.0, total_s - sum(medians.values()))
+        parts.append(f"the rest (waiting for MaxArraySize, asked in a thread at the start, for the code snapshot "
+                     f"and for Slurm's answer to the test) {rest * 1000:.0f} ms")
     return "Where hpc-jobs' time goes (medians of its repetitions): " + "; ".join(parts) + "."
 
 
@@ -186,8 +194,11 @@ def report(reps: int, home: Path) -> str:
     notes = [f"hpc-jobs / plain submitit: {ratio:.2f}x (goal: at or below 1.0: {'reached' if ratio <= 1.0 else 'NOT reached'}). "
              "hpc-jobs does more than submitit here: preflight (scheduler partitions, `sbatch --test-only`), the run "
              "record and the code snapshot, with the scheduler's facts and the snapshot taken in threads while it "
-             "plans and checks; its array tasks write their own submitit pickles when they start, so it writes no "
-             f"file per task (submitit writes {TASKS} pickles before its sbatch).", "", phase_note(phases)]
+             "plans and checks, and the run recorded while Slurm answers the test (removed again if it rejects a "
+             "script). The snapshot links each file unchanged since the previous launch's copy (a hard link: no "
+             "data written), so repeated launches write only what changed. Its array tasks write their own "
+             "submitit pickles when they start, so it writes no file per task (submitit writes "
+             f"{TASKS} pickles before its sbatch).", "", phase_note(phases, ours)]
     return table(f"submit: an array of {TASKS} tasks to the dev cluster (held, cancelled after each repetition)",
                  results, BASELINE, notes=notes)
 

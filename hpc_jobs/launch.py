@@ -21,7 +21,7 @@ from . import profiles as profmod
 from . import render as rendermod
 from . import workflow as wfmod
 from .errors import PreflightError, UserError, command
-from .ledger import Run, new_run_id
+from .ledger import Run, last_snapshot, new_run_id, note_snapshot
 from .profiles import ClusterProfile
 from .record import StageRecord, array_directive, compress_indices, task_chunks
 from .runtime import StageRunner, write_runner
@@ -288,9 +288,22 @@ def preview_jobs(plan: Plan) -> Dict[str, List[rendermod.JobScript]]:
 def preflight(plan: Plan, jobs: Dict[str, List[rendermod.JobScript]], test_only: bool,
               facts: Optional["_Prefetch"] = None) -> None:
     """Check the plan against the profile and the scheduler. Raise PreflightError (exit 2)."""
+    start_preflight(plan, jobs, test_only, facts)()
+
+
+def _nothing_to_wait_for() -> None:
+    return None
+
+
+def start_preflight(plan: Plan, jobs: Dict[str, List[rendermod.JobScript]], test_only: bool,
+                    facts: Optional["_Prefetch"] = None) -> Callable[[], None]:
+    """Check the plan against the profile and the scheduler's partitions now (PreflightError,
+    exit 2) and start ``sbatch --test-only`` of every script; returns the function that waits for
+    Slurm's answers and raises PreflightError for a script it would reject. The launch records the
+    run while Slurm answers, and removes it again if it does (nothing is submitted before)."""
     profile = plan.profile
     if profile.backend == "local":
-        return
+        return _nothing_to_wait_for
     if profile.account == "required" and not plan.account:
         raise PreflightError(
             f"cluster '{profile.name}' requires an account: add --account <your project> "
@@ -301,11 +314,16 @@ def preflight(plan: Plan, jobs: Dict[str, List[rendermod.JobScript]], test_only:
     tested = _test_only(plan, jobs) if test_only else None
     try:
         _check_partitions(plan, facts)
-    finally:
-        results = tested() if tested is not None else []
-    for name, error in results:
-        if error:
-            raise PreflightError(f"stage '{name}': Slurm would reject the job: {error}")
+    except BaseException:
+        if tested is not None:
+            tested()  # no sbatch left running behind the error
+        raise
+
+    def wait() -> None:
+        for name, error in tested() if tested is not None else []:
+            if error:
+                raise PreflightError(f"stage '{name}': Slurm would reject the job: {error}")
+    return wait
 
 
 def _check_partitions(plan: Plan, facts: Optional["_Prefetch"] = None) -> None:
@@ -440,7 +458,8 @@ def record_run(plan: Plan, req: LaunchRequest, jobs: Dict[str, List[rendermod.Jo
         yaml.dump(dataclasses.asdict(plan.profile), Dumper=dumper, sort_keys=False),
         git=facts.git.result() if facts else None,
     )
-    run.snapshot_code(prepared=facts.code_copy() if facts else None)
+    run.snapshot_code(prepared=facts.code_copy() if facts else None,
+                      previous=last_snapshot(_runs_root(plan, req)))
     for desc, stage in zip(plan.pipeline.describe(), plan.pipeline):
         stage_dir = run.stage_dir(stage.name)
         stage_dir.mkdir(parents=True, exist_ok=True)
@@ -602,12 +621,15 @@ class _Prefetch:
             self.partitions = self._pool.submit(slurm.scheduler_partitions)
 
     def planned(self, plan: Plan, req: LaunchRequest) -> None:
+        self._start_snapshot(plan, req)  # the longest of them: first
         if plan.profile.backend == "slurm":
             self.version = self._pool.submit(_slurm_version, plan.profile)
             if self.max_array is not None and not plan.profile.max_array_size:
                 plan._max_array = self.max_array.result()
         else:
             self.partitions = None  # a local run asks nothing of Slurm
+
+    def _start_snapshot(self, plan: Plan, req: LaunchRequest) -> None:
         import tempfile
 
         from .ledger import snapshot_code
@@ -625,7 +647,7 @@ class _Prefetch:
             self._code_dir = Path(tempfile.mkdtemp(prefix=f".{plan.run_id}.code-", dir=parent))
         except OSError:
             return
-        self.code = self._pool.submit(snapshot_code, self._code_dir / "code")
+        self.code = self._pool.submit(snapshot_code, self._code_dir / "code", last_snapshot(_runs_root(plan, req)))
 
     def code_copy(self) -> Optional[Path]:
         """The snapshot, complete (None: record_run copies it itself)."""
@@ -653,8 +675,20 @@ def launch(req: LaunchRequest, echo: Echo = print) -> LaunchResult:
         facts.planned(plan, req)
         jobs = preview_jobs(plan)
         slurm_real = plan.profile.backend == "slurm" and not req.dry_run
-        preflight(plan, jobs, test_only=slurm_real, facts=facts)
-        run = record_run(plan, req, jobs, facts)
+        slurm_answers = start_preflight(plan, jobs, test_only=slurm_real, facts=facts)
+        root = _runs_root(plan, req)
+        created = [d for d in (root, root / plan.workflow.name) if not d.exists()]
+        try:
+            run = record_run(plan, req, jobs, facts)  # while Slurm checks the scripts
+        except BaseException:
+            slurm_answers()  # a script Slurm would reject is the error to report
+            raise
+        try:
+            slurm_answers()
+        except BaseException:
+            _remove_unsubmitted(run.dir, created)
+            raise
+        note_snapshot(root, run.code_dir)  # the next launch links what did not change from it
     finally:
         facts.close()
     if req.dry_run:
@@ -666,6 +700,19 @@ def launch(req: LaunchRequest, echo: Echo = print) -> LaunchResult:
     with run.lock("launch"):
         failed = start(run, whole(run, run.order), echo)
     return LaunchResult(run, plan, {}, failed)
+
+
+def _remove_unsubmitted(run_dir: Path, created: Sequence[Path]) -> None:
+    """A launch that preflight stopped after its run was recorded leaves nothing: the run's
+    directory and the folders it made for it (when still empty: another launch may use them)."""
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            pass  # not empty: another run is in it
 
 
 def rerun_selection(run: Run, states: Dict[str, Any]) -> Selection:

@@ -71,10 +71,86 @@ def git_state() -> Tuple[Optional[str], Optional[str]]:
     return sha, (outs[1] if sha else None)
 
 
-def snapshot_code(dest: Path) -> Path:
+#: in a runs root: the path (relative to it) of the newest complete code snapshot, which the next
+#: launch links unchanged files from
+LAST_SNAPSHOT_FILE = ".last-code"
+#: a source file changed less than this before an earlier copy of it may have changed during it:
+#: copied again rather than linked (git's "racily clean" rule)
+_RACY_S = 1.0
+
+
+class _Linker:
+    """Puts one file of a snapshot in place: a hard link to the previous snapshot's copy when the
+    source is unchanged since that copy was taken (same size and modification time, which the copy
+    keeps; older than the copy by :data:`_RACY_S`), else a fresh copy. Links are a directory entry
+    each instead of a file's data, so a launch whose code did not change writes almost nothing.
+    Where the previous snapshot is gone or on another file system it simply copies."""
+
+    def __init__(self, previous: Optional[Path]) -> None:
+        self.previous = previous
+        self.linked = self.copied = 0
+
+    def place(self, src: Path, target: Path, rel: Path) -> None:
+        if self.previous is not None:
+            old = self.previous / rel
+            try:
+                st, prev = os.stat(src), os.stat(old)
+            except OSError:
+                prev = None
+            if (prev is not None and prev.st_size == st.st_size and prev.st_mtime_ns == st.st_mtime_ns
+                    and st.st_mtime < prev.st_ctime - _RACY_S):
+                try:
+                    os.link(old, target)
+                    self.linked += 1
+                    return
+                except OSError:  # another file system, no hard links, too many links: copy from now on
+                    self.previous = None
+        shutil.copy2(src, target)
+        self.copied += 1
+
+    def tree(self, src: Path, target: Path, rel: Path, ignore) -> None:
+        """``src``'s code files into ``target`` (created), as ``shutil.copytree`` with ``ignore``."""
+        target.mkdir(parents=True, exist_ok=True)
+        names = os.listdir(src)
+        skip = set(ignore(str(src), names))
+        for name in names:
+            if name in skip:
+                continue
+            path = src / name
+            if path.is_dir():
+                self.tree(path, target / name, rel / name, ignore)
+            else:
+                self.place(path, target / name, rel / name)
+
+
+def last_snapshot(runs_root: Path) -> Optional[Path]:
+    """The newest complete code snapshot under ``runs_root`` (see :data:`LAST_SNAPSHOT_FILE`)."""
+    try:
+        rel = (Path(runs_root) / LAST_SNAPSHOT_FILE).read_text().strip()
+    except OSError:
+        return None
+    path = Path(runs_root) / rel
+    return path if rel and ".." not in Path(rel).parts and path.is_dir() else None
+
+
+def note_snapshot(runs_root: Path, code_dir: Path) -> None:
+    """Name ``code_dir`` (complete, under ``runs_root``) the snapshot the next launch links from."""
+    try:
+        atomic_write_text(Path(runs_root) / LAST_SNAPSHOT_FILE, str(Path(code_dir).relative_to(runs_root)) + "\n",
+                          fsync=False)
+    except (OSError, ValueError):  # a read-only or foreign runs root: the next launch copies everything
+        return
+
+
+def snapshot_code(dest: Path, previous: Optional[Path] = None) -> Path:
     """Copy the importable code (not data, not caches) into ``dest`` (made here): the code packages
     of this checkout, HPC_JOBS_LAUNCHERS packages and modules, entry points' packages, the
-    templates and profiles. Returns ``dest``."""
+    templates and profiles. Returns ``dest``.
+
+    ``previous``: an earlier snapshot (:func:`last_snapshot`); each file unchanged since it was
+    taken becomes a hard link to its copy there instead of a new copy (:class:`_Linker`). A
+    snapshot is never written to after its launch, so the runs that share a file never see it
+    change (edit the checkout and launch or resume, never a run's ``code/``)."""
     def ignore(directory: str, names: List[str]) -> List[str]:
         return [
             n
@@ -86,10 +162,11 @@ def snapshot_code(dest: Path) -> Path:
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    linker = _Linker(Path(previous) if previous is not None else None)
     for package in CODE_PACKAGES:
         src = REPO_ROOT / package
         if src.is_dir():
-            shutil.copytree(src, dest / package, ignore=ignore)
+            linker.tree(src, dest / package, Path(package), ignore)
     from .profiles import TEMPLATES_DIR
     from .workflow import launcher_code
 
@@ -97,17 +174,18 @@ def snapshot_code(dest: Path) -> Path:
     for name, src in launcher_code():
         if name.split(".")[0] in CODE_PACKAGES:
             continue
-        target = dest.joinpath(*name.split("."))
+        rel = Path(*name.split("."))
+        target = dest / rel
         if src.is_dir():
             if not target.exists():
-                shutil.copytree(src, target, ignore=ignore)
+                linker.tree(src, target, rel, ignore)
         else:  # a module: a .py file
-            target = target.with_name(src.name)
+            target, rel = target.with_name(src.name), rel.with_name(src.name)
             target.parent.mkdir(parents=True, exist_ok=True)
             if not target.exists():
-                shutil.copy2(src, target)
+                linker.place(src, target, rel)
     # the template and profiles (package data: in an installed wheel they sit in hpc_jobs/ already)
-    shutil.copytree(TEMPLATES_DIR, dest / "templates", ignore=ignore, dirs_exist_ok=True)
+    linker.tree(TEMPLATES_DIR, dest / "templates", Path("templates"), ignore)
     return dest
 
 
@@ -232,16 +310,17 @@ class Run:
             }
         )
 
-    def snapshot_code(self, prepared: Optional[Path] = None) -> None:
+    def snapshot_code(self, prepared: Optional[Path] = None, previous: Optional[Path] = None) -> None:
         """Copy the importable code (not data, not caches) into ``code/``; ``prepared``: a copy
-        :func:`snapshot_code` made earlier (while the launch was checking the plan), moved in."""
+        :func:`snapshot_code` made earlier (while the launch was checking the plan), moved in;
+        ``previous``: an earlier snapshot to link unchanged files from."""
         if prepared is not None:
             try:
                 os.rename(prepared, self.code_dir)
                 return
             except OSError:  # another file system: copy it here after all
                 pass
-        snapshot_code(self.code_dir)
+        snapshot_code(self.code_dir, previous)
 
     def remember(self) -> None:
         """Append to the per-user index so ``status`` finds the run from any shell."""

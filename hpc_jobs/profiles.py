@@ -186,7 +186,8 @@ def load(name: str) -> ClusterProfile:
             f"or add {user_profile_dir()}/{name}.yaml"
         )
     with open(files[name]) as fh:
-        data = yaml.safe_load(fh) or {}
+        # libyaml's parser where PyYAML has it: the same safe loading, ~10x faster than pure Python
+        data = yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
     data.setdefault("name", name)
     return _from_mapping(data, str(files[name]))
 

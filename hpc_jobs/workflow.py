@@ -121,9 +121,32 @@ def _dist_name(ep: Any) -> str:
     return f"{dist.metadata['Name'] or dist.name} {dist.version}"
 
 
+#: the last scan of the entry points and what it was read from (see :func:`entry_points`)
+_EP_CACHE: Dict[str, Any] = {"key": None, "found": None}
+
+
+def _path_key() -> Tuple[Any, ...]:
+    """What the installed distributions depend on: each ``sys.path`` folder and when its entries
+    last changed (installing or removing a distribution adds or removes its ``.dist-info`` there)."""
+    key = []
+    for entry in sys.path:
+        try:
+            key.append((entry, os.stat(entry or ".").st_mtime_ns))
+        except OSError:
+            key.append((entry, None))
+    return tuple(key)
+
+
 def entry_points() -> Dict[str, List[Any]]:
     """Workflow name -> the entry points of group ``hpc_jobs.workflows`` declaring it (metadata
-    only: nothing is imported). One distribution seen twice on ``sys.path`` counts once."""
+    only: nothing is imported). One distribution seen twice on ``sys.path`` counts once.
+
+    Reading every distribution's metadata takes ~10 ms; a process that launches again (a notebook,
+    a sweep driver, the Python API) reads it again only when ``sys.path`` or one of its folders
+    changed since (a distribution installed or removed)."""
+    key = _path_key()
+    if _EP_CACHE["key"] == key:
+        return {name: list(eps) for name, eps in _EP_CACHE["found"].items()}
     from importlib.metadata import entry_points as _eps
 
     found: Dict[str, List[Any]] = {}
@@ -131,6 +154,7 @@ def entry_points() -> Dict[str, List[Any]]:
         same = found.setdefault(ep.name, [])
         if not any(o.value == ep.value for o in same):
             same.append(ep)
+    _EP_CACHE.update(key=key, found={name: list(eps) for name, eps in found.items()})
     return found
 
 

@@ -89,6 +89,15 @@ def test_dry_run_submits_nothing_and_preflight_rejects_bad_requests(slurm_cluste
         assert bad.stderr.count("\n") == 1, bad.stderr  # one line
     proc = cli(home, "demo", "--cluster", "devcluster", "--set", "epochs=many", check=False)
     assert proc.returncode == 2 and "not an int" in proc.stderr and proc.stderr.count("\n") == 1
+    # Slurm's own answer (sbatch --test-only) comes while the run is recorded: a rejected launch
+    # leaves no run behind, and the next launch's snapshot does not name it
+    bad = cli(home, "demo", "--cluster", "devcluster", "--constraint", "nosuchfeature", "--run-name", "rejected",
+              check=False)
+    assert bad.returncode == 2 and "Slurm would reject the job" in bad.stderr, bad.stderr
+    assert bad.stderr.count("\n") == 1, bad.stderr
+    runs = Path(out["run_dir"]).parent
+    assert sorted(p.name for p in runs.iterdir()) == ["dry"]
+    assert (runs.parent / ".last-code").read_text().strip() == "demo/dry/code"
 
 
 def test_sbatch_refusing_a_resume_is_one_line_and_a_later_resume_recovers(slurm_cluster, home):

@@ -3,6 +3,8 @@ is checked, moved into the run once preflight passed, and removed when it did no
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from hpc_jobs.errors import PreflightError, UserError
@@ -76,3 +78,98 @@ def test_a_cli_launch_looks_the_workflow_up_once(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(workflow, "get", get)
     assert cli.main(["demo", "--cluster", "local", "--dry-run", "--json"]) == 0
     assert calls == ["demo"]
+
+
+def _code_tree(root, files, age_s=3600):
+    import os
+    import time
+
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        old = time.time() - age_s
+        os.utime(path, (old, old))
+
+
+def test_a_snapshot_links_what_did_not_change_and_copies_what_did(tmp_path):
+    """The next launch's snapshot: an unchanged file is a hard link to the previous copy (no data
+    written), a changed one or one changed just before the last copy (racy) a new copy."""
+    import os
+
+    from hpc_jobs.ledger import _Linker
+
+    def ignore(directory, names):
+        return [n for n in names if n == "__pycache__"]
+
+    src = tmp_path / "src"
+    _code_tree(src, {"pkg/a.py": "A = 1\n", "pkg/sub/b.py": "B = 2\n", "pkg/c.py": "C = 3\n"})
+    first = _Linker(None)
+    first.tree(src, tmp_path / "s1", Path('.'), ignore)
+    assert (first.linked, first.copied) == (0, 3)
+
+    (src / "pkg" / "c.py").write_text("C = 4\n")  # changed now: a new copy; and racy for the next one
+    second = _Linker(tmp_path / "s1")
+    second.tree(src, tmp_path / "s2", Path('.'), ignore)
+    assert (second.linked, second.copied) == (2, 1)
+    for rel in ("pkg/a.py", "pkg/sub/b.py"):
+        assert os.stat(tmp_path / "s2" / rel).st_ino == os.stat(tmp_path / "s1" / rel).st_ino
+    assert (tmp_path / "s2" / "pkg" / "c.py").read_text() == "C = 4\n"
+    assert (tmp_path / "s1" / "pkg" / "c.py").read_text() == "C = 3\n"  # the older run keeps its code
+
+    third = _Linker(tmp_path / "s2")  # c.py changed < 1 s before s2's copy of it: copied again
+    third.tree(src, tmp_path / "s3", Path('.'), ignore)
+    assert (third.linked, third.copied) == (2, 1)
+    assert os.stat(tmp_path / "s3" / "pkg" / "c.py").st_ino != os.stat(tmp_path / "s2" / "pkg" / "c.py").st_ino
+    assert sorted(p.name for p in (tmp_path / "s3").rglob("*.py")) == ["a.py", "b.py", "c.py"]
+
+
+def test_a_launch_names_its_snapshot_for_the_next_one(tmp_path, monkeypatch):
+    import os
+
+    from hpc_jobs.ledger import last_snapshot
+
+    first = launch(_dry(tmp_path, monkeypatch), echo=lambda s: None)
+    assert last_snapshot(tmp_path / "runs") == first.run.dir / "code"
+    second = launch(_dry(tmp_path, monkeypatch), echo=lambda s: None)
+    assert last_snapshot(tmp_path / "runs") == second.run.dir / "code"
+    a, b = (r.run.dir / "code" / "hpc_jobs" / "ledger.py" for r in (first, second))
+    assert a.read_bytes() == b.read_bytes()
+    assert os.stat(a).st_ino == os.stat(b).st_ino  # linked, not copied again
+    import shutil
+
+    shutil.rmtree(second.run.dir)  # the run it names is gone: the next launch copies everything
+    assert last_snapshot(tmp_path / "runs") is None
+    third = launch(_dry(tmp_path, monkeypatch), echo=lambda s: None)
+    assert (third.run.dir / "code" / "hpc_jobs" / "ledger.py").read_bytes() == a.read_bytes()
+
+
+def test_the_entry_points_are_read_again_when_an_install_changes_sys_path(tmp_path, monkeypatch):
+    import importlib.metadata
+    import os
+
+    from hpc_jobs import workflow
+
+    reads = []
+    real = importlib.metadata.entry_points
+
+    def counting(**kw):
+        reads.append(kw)
+        return real(**kw)
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", counting)
+    workflow.entry_points()
+    first = len(reads)  # 0 when this process read them already
+    workflow.entry_points()
+    assert len(reads) == first and first <= 1  # the second read is the first's answer
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    workflow.entry_points()
+    assert len(reads) == first + 1  # a new folder on sys.path: read again
+    (site / "newpkg-1.0.dist-info").mkdir()  # as pip install does
+    os.utime(site, ns=(os.stat(site).st_mtime_ns + 10**9,) * 2)
+    workflow.entry_points()
+    assert len(reads) == first + 2
+    workflow.entry_points()
+    assert len(reads) == first + 2
