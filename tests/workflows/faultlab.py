@@ -9,7 +9,8 @@ takes a while), ``fail_once`` fails a stage on its first attempt. Runs that diff
 knobs therefore end with bit-identical weights, which is how the tests prove exact resume.
 
 The train stage leaves a trail the tests read: ``trail.jsonl`` (rank 0: a ``start`` line per
-process start with the step it resumes from, a ``first_step`` line when it trains again, a
+process start with the step it resumes from, a ``first_step`` line when it trains again and a
+``first_step_done`` line when that step has updated the weights (its next step begins), a
 ``stop``/``done`` line at the end) and
 ``ranks/rank<R>.json`` (pid and node of every rank, for killing one).
 """
@@ -107,9 +108,12 @@ class RegressionTask:
     def training_step(self, model, batch):
         import torch.nn.functional as F
 
-        if self.trail is not None:
-            _append(self.trail, {"event": "first_step", "pid": os.getpid()})
-            self.trail = None
+        if self.trail is not None:  # this process's first step begins; at its second, the first is done
+            self.steps_here = getattr(self, "steps_here", 0) + 1
+            _append(self.trail, {"event": "first_step" if self.steps_here == 1 else "first_step_done",
+                                 "pid": os.getpid()})
+            if self.steps_here == 2:
+                self.trail = None
         if self.cfg.step_sleep_s:
             time.sleep(self.cfg.step_sleep_s)
         x, y = batch
