@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from .errors import StageInputError, command
+from .interrupts import Requeued
 from .fsutil import atomic_write_bytes, atomic_write_json, read_json
 from .spec import BestCheckpoint, Input
 
@@ -420,7 +421,7 @@ def _ignore_requeue_signal() -> None:
 
 
 #: the exit status of a process whose stage was checkpointed and requeued (EX_TEMPFAIL: run me again)
-REQUEUED_EXIT = 75
+REQUEUED_EXIT = Requeued.exit_code
 
 
 def _in_slurm_job() -> bool:

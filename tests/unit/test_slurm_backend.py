@@ -145,3 +145,43 @@ def test_launching_an_array_writes_no_pickle_per_task_and_each_chunk_knows_its_o
     assert len(chunks) == 3 and chunks[0].offset == 0 and chunks[1].offset > 0
     assert offsets == [f"export HPC_JOBS_ARRAY_OFFSET={j.offset}" for j in chunks]
     assert not list((run.stage_dir("tasks") / "slurm").glob("*_submitted.pkl"))
+
+
+def test_a_requeued_stage_ends_its_process_once_its_records_are_on_disk(tmp_path):
+    """In a Slurm job, Slurm starts the requeued job again only once the old processes are gone: the
+    runner ends the process right after the marker and the attempt log (exit 75, no interpreter
+    teardown: an atexit handler never runs). Outside a job the exception reaches the caller."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import atexit, sys
+from pathlib import Path
+from hpc_jobs.interrupts import Requeued
+from hpc_jobs.runtime import StageRunner
+
+def train(ctx):
+    raise Requeued("requeued at step 7", step=7, epoch=0, checkpoint=None, signal=12, requeued=True)
+
+atexit.register(lambda: Path({str(tmp_path / 'teardown')!r}).write_text("ran"))
+try:
+    StageRunner(run_dir={str(tmp_path / 'run')!r}, stage="train", fn=train, config=None, inputs={{}}, outputs={{}},
+                upstream={{}}, data_root="/data")()
+except Requeued:
+    sys.exit(3)
+"""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+    in_job = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**base, "SLURM_JOB_ID": "41", "SUBMITIT_EXECUTOR": "slurm"})
+    assert in_job.returncode == 75, in_job.stderr
+    assert not (tmp_path / "teardown").exists()  # ended before interpreter teardown
+    stage_dir = tmp_path / "run" / "stages" / "train"
+    assert json.loads((stage_dir / "state.json").read_text())["state"] == "REQUEUED"
+    ends = [json.loads(l) for l in (stage_dir / "attempts.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in ends] == ["start", "end"] and ends[-1]["step"] == 7
+
+    outside = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=base)
+    assert outside.returncode == 3, outside.stderr  # the caller saw the exception
+    assert (tmp_path / "teardown").read_text() == "ran"
