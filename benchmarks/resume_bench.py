@@ -295,7 +295,7 @@ def report(reps: int, work: Path, note: Optional[str] = None) -> str:
             "hpc-jobs' stage imports torch and the workflow's model code after it starts, then builds the model, "
             "the optimizer (importing `torch._dynamo`) and the data and loads the checkpoint before its first step."]
     notes += [f"Failed: {f}" for f in out["failures"]]
-    title = "resume: seconds from the requeue signal (USR2) to the first training step after the restart"
+    title = "resume: seconds from the requeue signal (USR2) to the first training step done after the restart"
     if BASELINE not in out["results"]:
         return "\n".join([f"### {title}", "", "No baseline figure (every repetition failed)."] + notes)
     return table(title, out["results"], BASELINE, digits=1, notes=notes)
