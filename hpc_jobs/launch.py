@@ -677,7 +677,6 @@ def launch(req: LaunchRequest, echo: Echo = print) -> LaunchResult:
         slurm_real = plan.profile.backend == "slurm" and not req.dry_run
         slurm_answers = start_preflight(plan, jobs, test_only=slurm_real, facts=facts)
         root = _runs_root(plan, req)
-        created = [d for d in (root, root / plan.workflow.name) if not d.exists()]
         try:
             run = record_run(plan, req, jobs, facts)  # while Slurm checks the scripts
         except BaseException:
@@ -686,7 +685,7 @@ def launch(req: LaunchRequest, echo: Echo = print) -> LaunchResult:
         try:
             slurm_answers()
         except BaseException:
-            _remove_unsubmitted(run.dir, created)
+            _remove_unsubmitted(run.dir)
             raise
         note_snapshot(root, run.code_dir)  # the next launch links what did not change from it
     finally:
@@ -702,17 +701,12 @@ def launch(req: LaunchRequest, echo: Echo = print) -> LaunchResult:
     return LaunchResult(run, plan, {}, failed)
 
 
-def _remove_unsubmitted(run_dir: Path, created: Sequence[Path]) -> None:
-    """A launch that preflight stopped after its run was recorded leaves nothing: the run's
-    directory and the folders it made for it (when still empty: another launch may use them)."""
+def _remove_unsubmitted(run_dir: Path) -> None:
+    """A launch that preflight stopped after its run was recorded leaves no run behind (the folders
+    above it stay: another launch may be creating its run in them)."""
     import shutil
 
     shutil.rmtree(run_dir, ignore_errors=True)
-    for folder in reversed(created):
-        try:
-            folder.rmdir()
-        except OSError:
-            pass  # not empty: another run is in it
 
 
 def rerun_selection(run: Run, states: Dict[str, Any]) -> Selection:

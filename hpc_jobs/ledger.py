@@ -82,7 +82,8 @@ _RACY_S = 1.0
 class _Linker:
     """Puts one file of a snapshot in place: a hard link to the previous snapshot's copy when the
     source is unchanged since that copy was taken (same size and modification time, which the copy
-    keeps; older than the copy by :data:`_RACY_S`), else a fresh copy. Links are a directory entry
+    keeps, and the source's inode change time, which no tool can set back, older than the copy by
+    :data:`_RACY_S`; the copy is this user's), else a fresh copy. Links are a directory entry
     each instead of a file's data, so a launch whose code did not change writes almost nothing.
     Where the previous snapshot is gone or on another file system it simply copies."""
 
@@ -98,7 +99,7 @@ class _Linker:
             except OSError:
                 prev = None
             if (prev is not None and prev.st_size == st.st_size and prev.st_mtime_ns == st.st_mtime_ns
-                    and st.st_mtime < prev.st_ctime - _RACY_S):
+                    and st.st_ctime < prev.st_ctime - _RACY_S and prev.st_uid == os.getuid()):
                 try:
                     os.link(old, target)
                     self.linked += 1
@@ -130,7 +131,7 @@ def last_snapshot(runs_root: Path) -> Optional[Path]:
     except OSError:
         return None
     path = Path(runs_root) / rel
-    return path if rel and ".." not in Path(rel).parts and path.is_dir() else None
+    return path if rel and not Path(rel).is_absolute() and ".." not in Path(rel).parts and path.is_dir() else None
 
 
 def note_snapshot(runs_root: Path, code_dir: Path) -> None:

@@ -357,9 +357,10 @@ class StageRunner:
                         "traceback": traceback.format_exc()[-4000:],
                     },
                 )
-            if requeued and _in_slurm_job():
-                # Slurm starts the requeued job only once this process is gone, and the checkpoint,
-                # marker and attempt log are on disk: end now, not after seconds of interpreter
+            if requeued and main and _in_slurm_job():
+                # Slurm starts the requeued job only once its processes are gone, and rank 0's
+                # checkpoint, marker and attempt log are on disk: end now (the other ranks end as
+                # before: srun's kill-on-bad-exit must not stop rank 0 before its records), not after seconds of interpreter
                 # teardown (torch, threads, submitit pickling a result nobody reads). Measured on
                 # the dev cluster: the requeue completes 0.1 s after the signal instead of ~1.8 s.
                 _exit_now(REQUEUED_EXIT)

@@ -95,10 +95,12 @@ def reference(home) -> Reference:
 
 @pytest.fixture(scope="module")
 def time_limit_run(home, slurm_cluster) -> Dict[str, Any]:
-    """Launched first (it needs a minute of wall time) and checked by the last test."""
+    """Launched first (it needs a minute of wall time) and checked by the last test. 120 steps of
+    0.6 s outlast the 1-minute limit, so the warning always comes before the work is done (with
+    0.3 s a late limit check once let the whole run finish unsignalled)."""
     started = time.time()
     out = launch_json(home, "faultlab", "--cluster", "devcluster", "--run-name", "timelimit",
-                      "--time", "00:01:00", "--set", "step_sleep_s=0.3", "--set", "downstream=false")
+                      "--time", "00:01:00", "--set", "step_sleep_s=0.6", "--set", "downstream=false")
     return {"run_dir": Path(out["run_dir"]), "launched": started}
 
 

@@ -96,6 +96,7 @@ def test_a_snapshot_links_what_did_not_change_and_copies_what_did(tmp_path):
     """The next launch's snapshot: an unchanged file is a hard link to the previous copy (no data
     written), a changed one or one changed just before the last copy (racy) a new copy."""
     import os
+    import time
 
     from hpc_jobs.ledger import _Linker
 
@@ -104,6 +105,7 @@ def test_a_snapshot_links_what_did_not_change_and_copies_what_did(tmp_path):
 
     src = tmp_path / "src"
     _code_tree(src, {"pkg/a.py": "A = 1\n", "pkg/sub/b.py": "B = 2\n", "pkg/c.py": "C = 3\n"})
+    time.sleep(1.1)  # a source written (its inode changed) within 1 s before a copy is copied again
     first = _Linker(None)
     first.tree(src, tmp_path / "s1", Path('.'), ignore)
     assert (first.linked, first.copied) == (0, 3)

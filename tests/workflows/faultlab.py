@@ -217,6 +217,7 @@ class FaultLab(Workflow):
         cfg, opts = self.config, self.options
         ranks = max(1, opts.gpus)
         small = Resources(cpus_per_task=1, mem="200M", time="00:05:00")
+        with_torch = Resources(cpus_per_task=1, mem="1G", time="00:05:00")  # torch alone is ~270 MB resident
         train_res = Resources(nodes=opts.nodes, gpus_per_node=opts.gpus if cfg.use_gpus else 0,
                               tasks_per_node=ranks, cpus_per_task=1, mem="2G", time=cfg.train_time)
         stages = [
@@ -225,7 +226,7 @@ class FaultLab(Workflow):
                   outputs={"last": "checkpoints/last.pt"}, max_requeues=cfg.max_requeues),
         ]
         if cfg.downstream:
-            stages.append(Stage("evaluate", evaluate, resources=small,
+            stages.append(Stage("evaluate", evaluate, resources=with_torch,
                                 inputs={"weights": Input("train", "last", kind="init"),
                                         "data": Input("prepare", "data")},
                                 outputs={"metrics": "metrics.json"}))
