@@ -676,7 +676,6 @@ def launch(req: LaunchRequest, echo: Echo = print) -> LaunchResult:
         jobs = preview_jobs(plan)
         slurm_real = plan.profile.backend == "slurm" and not req.dry_run
         slurm_answers = start_preflight(plan, jobs, test_only=slurm_real, facts=facts)
-        root = _runs_root(plan, req)
         try:
             run = record_run(plan, req, jobs, facts)  # while Slurm checks the scripts
         except BaseException:
@@ -687,7 +686,7 @@ def launch(req: LaunchRequest, echo: Echo = print) -> LaunchResult:
         except BaseException:
             _remove_unsubmitted(run.dir)
             raise
-        note_snapshot(root, run.code_dir)  # the next launch links what did not change from it
+        note_snapshot(run.dir.parent.parent, run.code_dir)  # <runs root>/<workflow>/<run>: the next launch links from it
     finally:
         facts.close()
     if req.dry_run:

@@ -151,7 +151,7 @@ def snapshot_code(dest: Path, previous: Optional[Path] = None) -> Path:
     ``previous``: an earlier snapshot (:func:`last_snapshot`); each file unchanged since it was
     taken becomes a hard link to its copy there instead of a new copy (:class:`_Linker`). A
     snapshot is never written to after its launch, so the runs that share a file never see it
-    change (edit the checkout and launch or resume, never a run's ``code/``)."""
+    change (edit the checkout and launch again, never a run's ``code/``)."""
     def ignore(directory: str, names: List[str]) -> List[str]:
         return [
             n
