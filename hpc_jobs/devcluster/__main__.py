@@ -22,7 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", help=f"where state lives (default: ${STATE_DIR_ENV} or "
                         "/var/lib/hpc_jobs_devcluster)")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("up", help="install Slurm if missing, start the cluster, wait until it is idle")
+    up = sub.add_parser("up", help="install Slurm if missing, start the cluster, wait until it is idle")
+    up.add_argument("--cancel-jobs", action="store_true",
+                    help="cancel every job slurmctld recovered from its saved state (e.g. the jobs "
+                    "of a test run that was killed), so that the nodes start empty")
     down = sub.add_parser("down", help="stop every daemon it started")
     down.add_argument("--purge", action="store_true",
                       help="also wipe state, spool directories and the accounting database")
@@ -34,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     cluster = DevCluster(state_dir=args.state_dir)
     try:
         if args.command == "up":
-            cluster.up()
+            cluster.up(cancel_jobs=args.cancel_jobs)
         elif args.command == "down":
             cluster.down(purge=args.purge)
         else:

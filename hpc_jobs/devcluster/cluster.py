@@ -233,12 +233,15 @@ class DevCluster:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
 
-    def up(self) -> UpResult:
+    def up(self, cancel_jobs: bool = False) -> UpResult:
+        """Start whatever is not running and wait until the nodes are usable. ``cancel_jobs``
+        also cancels every job in the queue (slurmctld recovers the jobs of its last life from
+        its saved state) and waits until the nodes are idle."""
         self._require_root("up")
         with self._locked():
-            return self._up()
+            return self._up(cancel_jobs)
 
-    def _up(self) -> UpResult:
+    def _up(self, cancel_jobs: bool = False) -> UpResult:
         t0 = time.monotonic()
         phases: dict[str, float] = {}
         actions: list[str] = []
@@ -262,6 +265,9 @@ class DevCluster:
 
         t = time.monotonic()
         actions += self._wait_nodes_usable()
+        if cancel_jobs:
+            actions += self._cancel_all_jobs()
+            actions += self._wait_nodes_usable(idle=True)
         self._wait_accounting()
         phases["nodes"] = time.monotonic() - t
 
@@ -591,14 +597,16 @@ class DevCluster:
                 states[parts[0]] = parts[1].lower()
         return states
 
-    def _wait_nodes_usable(self) -> list[str]:
-        """Wait until n1 and n2 are usable; resume nodes left drained (e.g. by an older config)."""
+    def _wait_nodes_usable(self, idle: bool = False) -> list[str]:
+        """Wait until n1 and n2 are usable (``idle``: idle, running nothing); resume nodes left
+        drained (e.g. by an older config)."""
         actions = []
         resumed: dict[str, float] = {}
         deadline = time.monotonic() + self.timeout
+        wanted = {"idle"} if idle else USABLE_NODE_STATES
         while True:
             states = self._node_states()
-            if all(states.get(n) in USABLE_NODE_STATES for n in C.NODES):
+            if all(states.get(n) in wanted for n in C.NODES):
                 return actions
             now = time.monotonic()
             for node in C.NODES:

@@ -207,3 +207,17 @@ def test_high_partition_preempts_batch_job(slurm_cluster, job_dir, job_name):
     earlier = slurm_cluster.sacct(low.job_id, duplicates=True)[:-1]
     assert earlier and earlier[0]["State"] in ("PREEMPTED", "REQUEUED"), earlier
     assert sacct_time(low_record["Start"]) >= sacct_time(high_record["Start"])
+
+
+def test_up_with_cancel_jobs_leaves_the_nodes_empty(slurm_cluster, job_dir, job_name):
+    # What slurmctld recovers from a killed test run looks like this: a job holding a node.
+    from hpc_jobs.devcluster.cluster import DevCluster
+
+    job = make_executor(job_dir, job_name).submit(stamp, 600)
+    slurm_cluster.wait_for(lambda: slurm_cluster.job_state(job.job_id) == "RUNNING", 60,
+                           "the leftover job to run")
+    result = DevCluster().up(cancel_jobs=True)
+    assert any(a.startswith("cancelled ") for a in result.actions), result.actions
+    assert slurm_cluster.wait_final(job.job_id)["State"] == "CANCELLED"
+    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True)
+    assert dict(line.split() for line in nodes.stdout.splitlines()) == {"n1": "idle", "n2": "idle"}
