@@ -114,7 +114,8 @@ def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int |
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def _cpu_count() -> int:
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask: a Slurm task's own CPUs)."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # pragma: no cover - non-Linux
@@ -213,7 +214,7 @@ class RunEnv:
             num_nodes=num_nodes,
             master_addr=master,
             master_port=_int(env, "MASTER_PORT", derived),
-            cpus_per_task=_int(env, "SLURM_CPUS_PER_TASK", None) or max(1, _cpu_count() // local_world),
+            cpus_per_task=_int(env, "SLURM_CPUS_PER_TASK", None) or max(1, cpu_count() // local_world),
             gpus=_visible_gpus(env),
             **facts,
         )
@@ -236,7 +237,7 @@ class RunEnv:
             num_nodes=max(1, -(-world // max(1, local_world))),
             master_addr=env.get("MASTER_ADDR") or "127.0.0.1",
             master_port=_int(env, "MASTER_PORT", DEFAULT_PORT),
-            cpus_per_task=max(1, _cpu_count() // local_world),
+            cpus_per_task=max(1, cpu_count() // local_world),
             gpus=_visible_gpus(env),
         )
 
@@ -245,7 +246,7 @@ class RunEnv:
         return cls(
             master_addr=env.get("MASTER_ADDR") or "127.0.0.1",
             master_port=_int(env, "MASTER_PORT", DEFAULT_PORT),
-            cpus_per_task=_cpu_count(),
+            cpus_per_task=cpu_count(),
             gpus=_visible_gpus(env),
         )
 

@@ -107,6 +107,7 @@ class StageRecord:
     where: str = "batch"  # login | process | batch
     depends_on: List[str] = field(default_factory=list)
     array: Optional[int] = None  # number of tasks; None = a plain job
+    array_parallelism: Optional[int] = None  # at most this many tasks at once (Slurm's %K)
     resources: Dict[str, Any] = field(default_factory=dict)
     inputs: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # name -> Input as a dict
     outputs: Dict[str, Any] = field(default_factory=dict)  # name -> path, or a BestCheckpoint dict

@@ -383,6 +383,7 @@ class Pipeline:
                 "where": s.where,
                 "depends_on": s.parents(),
                 "array": s.array,
+                "array_parallelism": s.array_parallelism,
                 "resources": dataclasses.asdict(s.resources),
                 "inputs": {k: dataclasses.asdict(v) for k, v in s.inputs.items()},
                 "outputs": {k: output_to_record(v) for k, v in s.outputs.items()},

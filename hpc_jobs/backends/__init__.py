@@ -7,7 +7,7 @@ Slurm job ids) to depend on. A launch selects every task, a resume what did not 
 
 ``slurm``: each stage's rendered script is submitted through submitit (one ``sbatch`` per job or
 array chunk, dependencies on the parents' job ids); returns at once. ``local``: the same stages
-run on this machine in order; returns the tasks that did not complete. Launch-time stages
+run on this machine in order (an array's tasks side by side as the CPUs allow); returns the tasks that did not complete. Launch-time stages
 (``login``/``process``) always run through the local backend.
 """
 

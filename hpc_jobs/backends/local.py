@@ -9,6 +9,11 @@ snapshot on PYTHONPATH, exactly the runner a Slurm job would unpickle. A stage w
 runs N ranks (torchrun-style RANK/WORLD_SIZE/MASTER_ADDR variables); without a GPU they use gloo
 on the CPU. Rank 0's output streams to the terminal, prefixed with the stage name; every rank's
 output is kept in ``stages/<name>/local/``.
+
+An array's tasks run side by side as far as the CPUs allow (``task_slots``): up to 4 at once,
+``HPC_JOBS_LOCAL_PARALLEL=N`` sets the number (1: one after the other); a stage's
+``array_parallelism`` caps it. With CUDA on the machine a
+GPU stage's tasks run one after the other, since each rank takes the device its local rank names.
 """
 
 from __future__ import annotations
@@ -19,16 +24,46 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from .. import states as statesmod
+from ..environment import cpu_count
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+#: how many tasks of one array run at once on the local backend (default: ``task_slots``)
+PARALLEL_ENV = "HPC_JOBS_LOCAL_PARALLEL"
+MAX_SLOTS = 4  # each task is a whole Python process with torch loaded: mind the memory
+
+
+def parallel_setting() -> Optional[int]:
+    """``HPC_JOBS_LOCAL_PARALLEL`` as a number, None when unset; a UserError when it is no number."""
+    from ..errors import UserError
+
+    value = os.environ.get(PARALLEL_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"{PARALLEL_ENV} must be a whole number of tasks, 1 or more (got {value!r})")
+    return int(value)
+
+
+def task_slots(n_tasks: int, world: int, gpu_stage: bool, throttle: Optional[int] = None) -> int:
+    """How many of an array's ``n_tasks`` tasks (``world`` ranks each) run at once here:
+    ``HPC_JOBS_LOCAL_PARALLEL`` if set; else one at a time for a GPU stage on a machine with CUDA
+    (the ranks of two tasks would share devices); else one rank per CPU, at most ``MAX_SLOTS``.
+    Never more than the stage's own ``throttle`` (its ``array_parallelism``, Slurm's %K)."""
+    slots = parallel_setting()
+    if slots is None:
+        slots = 1 if gpu_stage and has_cuda() else min(MAX_SLOTS, cpu_count() // max(1, world))
+    return max(1, min(slots, n_tasks, throttle or n_tasks))
 
 
 def _pump(stream, log: TextIO, echo: Optional[Callable[[str], None]]) -> None:
@@ -76,6 +111,7 @@ class LocalBackend:
         per stage (empty when all did)."""
         from ..runtime import read_marker
 
+        parallel_setting()  # a bad HPC_JOBS_LOCAL_PARALLEL fails before any stage runs
         said: List[bool] = []
 
         def gpus_note(world: int) -> None:
@@ -122,18 +158,34 @@ class LocalBackend:
     def run_stage(self, run: Any, name: str, echo: Callable[[str], None],
                   gpus_note: Callable[[int], None] = lambda n: None,
                   tasks: Optional[Sequence[Optional[int]]] = None) -> Dict[Optional[int], int]:
-        """Run tasks of one stage here, each with the stage's ranks; their exit codes."""
+        """Run tasks of one stage here, each with the stage's ranks, ``task_slots`` of them at a
+        time; their exit codes, in task order."""
         rec = run.stage(name)
         world = rec.world_size
         if world > 1:
             gpus_note(world)
-        threads = max(1, (os.cpu_count() or 1) // max(1, world))
-        codes: Dict[Optional[int], int] = {}
-        for task in (rec.task_indices if tasks is None else tasks):
+        tasks = list(rec.task_indices if tasks is None else tasks)
+        slots = task_slots(len(tasks), world, rec.kind == "gpu", rec.array_parallelism)
+        threads = max(1, cpu_count() // (max(1, world) * slots))
+        lock = threading.Lock()  # tasks side by side: one whole line at a time on the terminal
+
+        def one(task: Optional[int]) -> int:
             tag = f"[{name}] " if task is None else f"[{name}:{task}] "
-            codes[task] = self.run_task(run.dir, name, task, world, rec.ranks_per_node,
-                                        echo=lambda line, t=tag: echo(t + line), threads_per_rank=threads)
-        return codes
+
+            def say(line: str) -> None:
+                with lock:
+                    echo(tag + line)
+            return self.run_task(run.dir, name, task, world, rec.ranks_per_node, echo=say,
+                                 threads_per_rank=threads)
+
+        if slots == 1:
+            return {task: one(task) for task in tasks}
+        pool = ThreadPoolExecutor(slots, thread_name_prefix=f"local-{name}")
+        try:
+            futures = [(task, pool.submit(one, task)) for task in tasks]
+            return {task: future.result() for task, future in futures}
+        finally:  # Ctrl-C: start no further task; the running ones end with their ranks
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def run_task(
         self,

@@ -129,3 +129,52 @@ def test_explicit_gpus_bound_every_gpu_stage(tmp_path):
     run = Run(Path(out["run_dir"]))
     gpus = {r.name: r.resources["gpus_per_node"] for r in run.in_order()}
     assert max(gpus.values()) == 2 and gpus["postprocess"] <= 2, gpus
+
+
+def _fit_intervals(home: Path, run: str) -> list:
+    """(start, end) of each fit task's attempt, from its attempt log, in task order."""
+    fit = home / "runs" / "folds" / run / "stages" / "fit" / "tasks"
+    spans = []
+    for task in range(3):
+        events = [json.loads(line) for line in (fit / str(task) / "attempts.jsonl").read_text().splitlines()]
+        spans.append((next(e["time"] for e in events if e["event"] == "start"),
+                      next(e["time"] for e in events if e["event"] == "end")))
+    return spans
+
+
+@pytest.mark.parametrize("parallel", ["1", "3"])
+def test_local_array_tasks_run_side_by_side_as_set(tmp_path, monkeypatch, parallel):
+    monkeypatch.setenv("HPC_JOBS_LOCAL_PARALLEL", parallel)
+    proc = cli(tmp_path, "folds", "--cluster", "local", "--run-name", "p", "--set", "epochs=4",
+               "--set", "refine_epochs=1", "--set", "sleep_s=0.3")
+    assert "[fit:2]" in proc.stdout
+    spans = _fit_intervals(tmp_path, "p")
+    overlapping = max(start for start, _ in spans) < min(end for _, end in spans)
+    assert overlapping == (parallel == "3"), spans  # all three at once, or one after another
+    if parallel == "1":
+        assert all(spans[i][1] <= spans[i + 1][0] for i in range(2)), spans
+    assert {s["state"] for s in status_json(tmp_path, "p").values()} == {"COMPLETED"}
+
+
+def test_a_bad_local_parallel_setting_is_one_line_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("HPC_JOBS_LOCAL_PARALLEL", "two")
+    proc = cli(tmp_path, "folds", "--cluster", "local", "--run-name", "bad", check=False)
+    assert proc.returncode != 0
+    assert "HPC_JOBS_LOCAL_PARALLEL must be a whole number of tasks, 1 or more (got 'two')" in proc.stderr
+    assert "[fetch]" not in proc.stdout, proc.stdout
+
+
+def test_task_slots_follow_the_cpus_the_setting_and_the_stage_throttle(monkeypatch):
+    from hpc_jobs.backends import local
+
+    monkeypatch.delenv("HPC_JOBS_LOCAL_PARALLEL", raising=False)
+    monkeypatch.setattr(local, "cpu_count", lambda: 16)
+    monkeypatch.setattr(local, "has_cuda", lambda: False)
+    assert local.task_slots(10, 1, False) == local.MAX_SLOTS  # memory: a whole process per task
+    assert local.task_slots(10, 8, False) == 2  # one CPU per rank
+    assert local.task_slots(10, 1, False, throttle=3) == 3 and local.task_slots(2, 1, False) == 2
+    assert local.task_slots(10, 1, True) == 4  # no CUDA: a GPU stage's ranks run on the CPU
+    monkeypatch.setattr(local, "has_cuda", lambda: True)
+    assert local.task_slots(10, 1, True) == 1 and local.task_slots(10, 1, False) == 4
+    monkeypatch.setenv("HPC_JOBS_LOCAL_PARALLEL", "6")
+    assert local.task_slots(10, 1, True) == 6 and local.task_slots(10, 1, True, throttle=2) == 2

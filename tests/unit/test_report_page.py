@@ -43,8 +43,10 @@ def _write_curves(task_dir: Path, steps: int, cut: bool = False) -> None:
 @pytest.fixture(scope="module")
 def folds_run(tmp_path_factory):
     home = tmp_path_factory.mktemp("report")
-    cli(home, "folds", "--cluster", "local", "--run-name", "k", "--set", "folds=2", "--set", "epochs=3",
-        "--set", "refine_epochs=2", "--set", "points=60", timeout=400)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HPC_JOBS_LOCAL_PARALLEL", "1")  # fit[1] waits for fit[0]: the timeline shows a wait
+        cli(home, "folds", "--cluster", "local", "--run-name", "k", "--set", "folds=2", "--set", "epochs=3",
+            "--set", "refine_epochs=2", "--set", "points=60", timeout=400)
     run_dir = home / "runs" / "folds" / "k"
     _write_curves(run_dir / "stages" / "fit" / "tasks" / "0", 40)
     _write_curves(run_dir / "stages" / "fit" / "tasks" / "1", 40, cut=True)
@@ -125,7 +127,7 @@ def test_html_page_is_self_contained_ordered_and_renders_in_a_browser(folds_run,
     assert bands[0][0] > head_rows[-1], "the timeline is drawn above the headline"
     queue_rows = [y for y in range(bands[0][0], bands[len(BARS) - 1][1] + 1)
                   if sum(px[x, y] == QUEUE_COLOUR for x in range(0, shot.width)) >= 20]
-    assert queue_rows, "no task waited: fit[1] runs after fit[0] on the local backend, its wait is a bar"
+    assert queue_rows, "no task waited: fit[1] runs after fit[0] (one task at a time), its wait is a bar"
     assert inked[-1] - bands[-1][1] > 600, "nothing drawn below the timeline (curves, table, config)"
 
 

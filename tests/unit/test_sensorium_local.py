@@ -1,9 +1,9 @@
 """`python launch.py sensorium --cluster local` (tiny preset, the synthetic set): download, the
 train array, the distill array (fold k taught by train fold k's best), predict per experiment x
 split, ensemble. The same chain with training skipped (`--set train.epochs=0`) is the baseline the
-trained ensemble must clearly beat. The local backend runs array tasks one after the other, so
-this test uses 4 folds (the dev-cluster test runs the preset's 7 as parallel Slurm array tasks):
-about 6 minutes for both chains on an idle 2-core machine, far longer on a busy one."""
+trained ensemble must clearly beat. The local backend runs an array's tasks two at a time on a
+2-core machine, so this test uses 4 folds (the dev-cluster test runs the preset's 7 as Slurm array
+tasks): about 2 minutes for both chains on an idle 2-core machine, longer on a busy one."""
 
 from __future__ import annotations
 
