@@ -11,9 +11,9 @@ on the CPU. Rank 0's output streams to the terminal, prefixed with the stage nam
 output is kept in ``stages/<name>/local/``.
 
 An array's tasks run side by side as far as the CPUs allow (``task_slots``): up to 4 at once,
-``HPC_JOBS_LOCAL_PARALLEL=N`` sets the number (1: one after the other); a stage's
-``array_parallelism`` caps it. With CUDA on the machine a
-GPU stage's tasks run one after the other, since each rank takes the device its local rank names.
+never more than the stage's ``array_parallelism``; ``HPC_JOBS_LOCAL_PARALLEL=N`` sets the number
+(1: one after the other). With CUDA on the machine a GPU stage's tasks run one after the other,
+since each rank takes the device its local rank names.
 """
 
 from __future__ import annotations
