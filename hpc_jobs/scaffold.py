@@ -91,7 +91,8 @@ class {cls}(Workflow):
     name = "{name}"
     summary = "prepare -> train -> evaluate (init from train's weights): a skeleton to edit"
     Config = {cls}Config
-    presets = {{"tiny": {{"points": 200, "epochs": 50, "time": "00:10:00", "mem": "500M"}}}}
+    # 1G: saving or loading a checkpoint imports torch (about 510 MB resident)
+    presets = {{"tiny": {{"points": 200, "epochs": 50, "time": "00:10:00", "mem": "1G"}}}}
     default_preset = "tiny"
 
     def build(self) -> Pipeline:

@@ -131,7 +131,9 @@ class Folds(Workflow):
 
     def build(self) -> Pipeline:
         cfg = self.config
-        small = Resources(cpus_per_task=1, mem="500M", time="00:10:00")
+        # 1G, not less: saving or loading a checkpoint imports torch (about 510 MB resident), and a
+        # cluster that enforces --mem by accounting (the dev cluster) kills a job sampled above it
+        small = Resources(cpus_per_task=1, mem="1G", time="00:10:00")
         best = BestCheckpoint("checkpoints", metric="val_mse", mode="min")
         return Pipeline(self.name, [
             Stage("fetch", fetch, where="login", outputs={"points": "points.json"}),
