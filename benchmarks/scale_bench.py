@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List
 
@@ -90,11 +91,12 @@ def _report_running(run) -> None:
     job = run.stage("tasks").job_ids()[0]
     stage_dir = run.stage_dir("tasks")
     now = time.time()
+    started = datetime.fromtimestamp(now, timezone.utc).isoformat()  # just started: well within the limit
     for i in range(TASKS):
         where = stage_dir / "tasks" / str(i)
         where.mkdir(parents=True, exist_ok=True)
         atomic_write_json(where / "state.json", {"stage": "tasks", "task": i, "host": "n1", "job_id": f"{job}_{i}",
-                                                "attempt": 0, "started": "2026-01-01T00:00:00+00:00",
+                                                "attempt": 0, "started": started,
                                                 "state": "RUNNING"}, fsync=False)
         (where / "attempts.jsonl").write_text(json.dumps({"time": now, "event": "start", "job_id": f"{job}_{i}",
                                                           "attempt": 0, "host": "n1"}) + "\n")

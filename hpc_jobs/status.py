@@ -437,9 +437,10 @@ def stage_states(run: Run, triage: bool = True, now: Optional[float] = None, fre
     tell is a change from outside, an admin's scancel or a job that died before it could write)
     unless some job needs the scheduler sooner: one that reported its end since the answer (asked
     now, urgent: its state, exit code and what Slurm does to its dependents follow), one it runs
-    that has not reported itself (starting, or silent), one that ended per its marker before a
-    newer answer that still runs it, or a queued one whose parent stage failed (Slurm cancels such
-    dependents, which no job reports); then the poller's normal 2-30 s interval applies."""
+    that has not reported itself (starting, or silent), one past its time limit, one that ended
+    per its marker before a newer answer that still runs it, or a queued one whose parent stage
+    failed (Slurm cancels such dependents, which no job reports); then the poller's normal 2-30 s
+    interval applies."""
     from . import poller, slurm
 
     run.reload()
@@ -484,8 +485,10 @@ def _task_from_scheduler(rec: StageRecord, stage_dir: Path, task: Optional[int],
     # what it does to the dependents, the exit code): asked now when reported since the answer
     ended = known and info.state in ACTIVE_STATES and mstate in ("COMPLETED", "FAILED")
     loud = known and ((info.state == "RUNNING" and marker is None) or (ended and not newer))
-    # a job that said it runs and then went silent: only the scheduler knows what became of it
-    loud = loud or (mstate == "RUNNING" and known and info.state in ACTIVE_STATES and _silent(stage_dir, task, now))
+    # a job that said it runs and then went silent, or ran past its time limit (Slurm kills it
+    # KillWait seconds after SIGTERM, often before it can write its end): only the scheduler knows
+    loud = loud or (mstate == "RUNNING" and known and info.state in ACTIVE_STATES
+                    and (_silent(stage_dir, task, now) or _past_limit(rec, stage_dir, task, marker, now)))
     need = URGENT if ended and newer else LOUD if loud else QUIET
     if known and not reported:
         ts.state = info.state
@@ -676,6 +679,18 @@ def _silent(stage_dir: Path, task: Optional[int], now: float) -> bool:
         except OSError:
             continue
     return True
+
+
+def _past_limit(rec: StageRecord, stage_dir: Path, task: Optional[int], marker: Any, now: float) -> bool:
+    """The task's current attempt has run longer than the stage's time limit: it is ending (TIMEOUT,
+    or a requeue) whether or not it lives to say so."""
+    from .spec import parse_time
+
+    started = _started(stage_dir, rec, task, marker)
+    try:
+        return started is not None and now - started > parse_time(rec.time_limit)
+    except UserError:  # a limit this hpc-jobs cannot read (a newer run.json): the alive rule alone
+        return False
 
 
 def _newer(stage_dir: Path, task: Optional[int], than: float) -> bool:

@@ -8,8 +8,9 @@ The jobs ask `--acctg-freq=1`: Slurm samples a job's memory every JobAcctGatherF
 one (a 1-minute limit, which the dev cluster enforces at ~60-90 s) sets the test's length. The dev
 cluster has no cgroups: Slurm's accounting enforces --mem (JobAcctGatherParams=OverMemoryKill) and
 records that kill as FAILED; the sacct peak at the request is what makes it OUT_OF_MEMORY here.
-Both killed jobs die without a word: status learns of it from the scheduler once their `alive`
-file is 90 s old (hpc_jobs/status.py), hence the longer waits."""
+Both killed jobs die without a word: status asks the scheduler about the TIMEOUT one once it is
+past its limit, about the one killed for memory once its `alive` file is 90 s old
+(hpc_jobs/status.py), hence the longer waits."""
 
 from __future__ import annotations
 

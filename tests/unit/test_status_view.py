@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -228,7 +229,8 @@ def test_a_jobs_own_reports_show_at_once_without_asking_the_scheduler(tmp_path, 
     assert stage_states(run)["prep"].state == "PENDING"
     assert fake_slurm.calls() == 1, "a pending job reports its own start: no call within the quiet interval"
     fake_slurm.set(jobs={"21": {"state": "RUNNING"}})
-    _marker(run, "prep", state="RUNNING", job_id="21", host="n2", started="2026-01-01T00:00:00+00:00")
+    started = datetime.fromtimestamp(time.time() - 5, timezone.utc).isoformat()  # within its 1 h limit
+    _marker(run, "prep", state="RUNNING", job_id="21", host="n2", started=started)
     st = stage_states(run)["prep"]
     assert (st.state, st.node, st.raw_state) == ("RUNNING", "n2", "RUNNING (marker)") and st.elapsed
     assert fake_slurm.calls() == 1
@@ -285,6 +287,34 @@ def test_a_running_job_that_went_silent_is_asked_about_not_trusted_for_600_s(tmp
     fake_slurm.set(jobs={"23": {"state": "TIMEOUT"}})
     old = time.time() - 100
     os.utime(alive, (old, old))  # silent for 100 s
+    time.sleep(0.3)
+    st = stage_states(run)["prep"]
+    assert fake_slurm.calls() == calls + 1 and st.state == "TIMEOUT", (fake_slurm.calls(), st.state)
+
+
+def test_a_running_job_past_its_time_limit_is_asked_about_while_still_alive(tmp_path, fake_slurm, monkeypatch):
+    """Slurm kills a job at its limit KillWait seconds after SIGTERM, often before it can write its
+    end; its ``alive`` file is still fresh then. Past the limit the scheduler is asked at the normal
+    interval, so TIMEOUT shows in seconds, not after the 90 s of silence."""
+    monkeypatch.setenv("HPC_JOBS_POLL_MIN_S", "0.2")
+    monkeypatch.setenv("HPC_JOBS_POLL_MAX_S", "0.2")
+    fake_slurm.set(jobs={"25": {"state": "RUNNING"}})
+    run = _make_run(tmp_path, backend="slurm")
+    _update(run, "prep", state="SUBMITTED", jobs=[{"job_id": "25"}], resources={"time": "00:01:00"})
+    run.save()
+    started = datetime.fromtimestamp(time.time() - 50, timezone.utc).isoformat()
+    _marker(run, "prep", state="RUNNING", job_id="25", host="n1", started=started)
+    (run.stage_dir("prep") / "alive").touch()
+    assert stage_states(run)["prep"].state == "RUNNING"
+    calls = fake_slurm.calls()
+    time.sleep(0.3)
+    stage_states(run)
+    assert fake_slurm.calls() == calls, "50 s into a 1-minute limit, alive and reporting: quiet"
+    fake_slurm.set(jobs={"25": {"state": "TIMEOUT"}})
+    started = datetime.fromtimestamp(time.time() - 70, timezone.utc).isoformat()
+    _marker(run, "prep", state="RUNNING", job_id="25", host="n1", started=started)
+    os.utime(run.stage_dir("prep") / "state.json", (time.time() - 70,) * 2)  # written at its start
+    (run.stage_dir("prep") / "alive").touch()
     time.sleep(0.3)
     st = stage_states(run)["prep"]
     assert fake_slurm.calls() == calls + 1 and st.state == "TIMEOUT", (fake_slurm.calls(), st.state)
