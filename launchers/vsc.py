@@ -210,7 +210,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # edit of the synthetic queries' family (train.views=copy_edit), SGD at lr 0.02, small memory
     # banks joining late (stale descriptors of a fast-moving network are poor negatives), a gentle
     # supervised stage (at lr 0.05 it learns its 80 DISC21 pairs by heart). On the tiny set: segment
-    # AP 0.44 and pair micro AP 0.49 after the chain, 0.32 and 0.42 untrained. One torch thread per rank.
+    # AP 0.44 and pair micro AP 0.49 after the chain, 0.32 and 0.42 untrained, where it was tuned
+    # (other CPUs' float rounding: 0.38-0.43 and 0.33-0.40, docs/workflows/vsc.md). One torch thread per rank.
     "tiny": {
         "data": {"synthetic_preset": "tiny"},
         "train": {"arch": "vit_tiny_r_s16_p8_224", "depth": 4, "patch_size": 2, "feature_dim": 128,

@@ -4,23 +4,58 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _env(home: Path) -> Dict[str, str]:
+    return dict(os.environ, HPC_JOBS_HOME=str(home), PYTHONUNBUFFERED="1")
+
+
 def cli(home: Path, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``python launch.py ARGS`` as a user would, with its own HPC_JOBS_HOME."""
-    env = dict(os.environ, HPC_JOBS_HOME=str(home), PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "launch.py", *args], cwd=REPO, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "launch.py", *args], cwd=REPO, env=_env(home), capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:
         raise AssertionError(f"launch.py {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def cli_side_by_side(*calls: Tuple[Path, Sequence[str]], timeout: float = 600) -> List[subprocess.CompletedProcess]:
+    """Run several ``python launch.py ARGS`` at once, each ``(HPC_JOBS_HOME, ARGS)``, and wait for all;
+    each must exit 0. For a chain that leaves a core idle (one rank, one torch thread) and a cheap one
+    (an untrained baseline) beside it. Each has its own home: its data set is generated there."""
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for i, (home, args) in enumerate(calls):
+            out, err = open(Path(tmp) / f"{i}.out", "w+"), open(Path(tmp) / f"{i}.err", "w+")
+            procs.append((args, out, err, subprocess.Popen(
+                [sys.executable, "launch.py", *args], cwd=REPO, env=_env(home),
+                stdout=out, stderr=err, stdin=subprocess.DEVNULL, text=True, start_new_session=True)))
+        deadline = time.monotonic() + timeout
+        done = []
+        try:
+            for args, out, err, proc in procs:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+                out.seek(0), err.seek(0)
+                done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read()))
+        finally:
+            for _, out, err, proc in procs:
+                if proc.poll() is None:  # timed out, or the test was interrupted: its ranks go too
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                out.close(), err.close()
+    for (_, args), proc in zip(calls, done):
+        if proc.returncode != 0:
+            raise AssertionError(f"launch.py {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return done
 
 
 def launch_json(home: Path, *args: str, **kw) -> Dict[str, Any]:

@@ -1,6 +1,8 @@
 """isc on the dev cluster: `python launch.py isc --cluster devcluster --gpus 2` (tiny preset, the
 synthetic set) runs its eight batch stages as Slurm jobs chained by afterok dependencies, each
-training stage DDP over 2 ranks, and they all complete (about 3 minutes)."""
+training stage DDP over 2 ranks, and they all complete. Each stage trains one epoch (v83_cont two,
+so it resumes at epoch 1): what is tested here is the chain on Slurm; that the same code learns
+(uAP well above the untrained chain's) is test_isc_local's."""
 
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ def home():
 
 
 def test_isc_chain_runs_as_dependent_slurm_jobs(slurm_cluster, home):
-    out = launch_json(home, "isc", "--cluster", "devcluster", "--gpus", "2", "--run-name", "chain")
+    out = launch_json(home, "isc", "--cluster", "devcluster", "--gpus", "2", "--run-name", "chain",
+                     "--set", "train.epochs=1")
     ids = job_ids(out)
     assert ids["download"] == [] and all(len(ids[s]) == 1 for s in BATCH), ids
     parents = {s["name"]: s["depends_on"] for s in out["stages"]}
@@ -38,9 +41,9 @@ def test_isc_chain_runs_as_dependent_slurm_jobs(slurm_cluster, home):
     assert f"--dependency=afterok:{ids['train_v83_cont'][0]}" in script
     assert "#SBATCH --ntasks-per-node=2" in script and "#SBATCH --gres=gpu:2" in script
     cont = cli(home, "logs", "chain", "train_v83_cont").stdout
-    assert "train_v83_cont: resumed train_v83 at epoch 5" in cont, cont[-3000:]
+    assert "train_v83_cont: resumed train_v83 at epoch 1" in cont, cont[-3000:]
     assert "ddp on 2 rank(s)" in cont
     assert "ddp on 2 rank(s)" in cli(home, "logs", "chain", "train_v107").stdout
     result = states["eval"]["result"]
-    assert isinstance(result["uap"], float) and result["uap"] > 0.3, result
+    assert isinstance(result["uap"], float) and 0.0 < result["uap"] <= 1.0, result
     assert states["train_v86"]["result"]["handoff"] == "init train_v83_cont"

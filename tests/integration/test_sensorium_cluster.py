@@ -2,7 +2,9 @@
 the synthetic set) submits train and distill as 7-task Slurm arrays, each distill task with an
 aftercorr dependency on its own train task (visible in `scontrol show job` and the script, and
 in sacct: distill task k starts after train task k ends), then predict (a 10-task array after
-every fold) and ensemble; every job completes and the ensemble scores clearly above chance."""
+every fold) and ensemble; every job completes and the ensemble scores above chance. Each fold
+trains one epoch: what is tested here is the arrays on Slurm; that the same code learns is
+test_sensorium_local's."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from tests.pipeline_helpers import cli, job_ids, launch_json, wait_run
 from .conftest import JOBS_ROOT, sacct, wait_final
 
 BATCH = ("train", "distill", "predict", "ensemble")
-pytestmark = pytest.mark.timeout(1800)  # 7 folds x 2 experiments on 2 cores: about 10 minutes
+pytestmark = pytest.mark.timeout(1800)  # 7 folds x 2 experiments, one epoch each: 1-3 minutes on 2 cores
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def _scontrol(job_id: str) -> str:
 
 
 def test_fold_arrays_with_per_task_dependencies(slurm_cluster, home):
-    out = launch_json(home, "sensorium", "--cluster", "devcluster", "--run-name", "folds")
+    out = launch_json(home, "sensorium", "--cluster", "devcluster", "--run-name", "folds", "--set", "train.epochs=1")
     ids = job_ids(out)
     assert ids["download"] == [] and all(len(ids[s]) == 1 for s in BATCH), ids
     train, distill, predict = ids["train"][0], ids["distill"][0], ids["predict"][0]
@@ -65,7 +67,7 @@ def test_fold_arrays_with_per_task_dependencies(slurm_cluster, home):
     logs = cli(home, "logs", "folds", "distill").stdout
     assert "teacher = train fold" in logs, logs[-2000:]
     result = states["ensemble"]["result"]["out_of_fold"]
-    assert result["ensemble"] > 0.15, result
+    assert result["ensemble"] > 0.05, result  # one epoch: 0.09 measured (untrained: 0.02)
     metrics = json.loads(next((run_dir / "stages" / "ensemble").rglob("metrics.json")).read_text())
     assert set(metrics["splits"]) == {"out_of_fold", "live_test_main", "live_test_bonus", "final_test_main",
                                       "final_test_bonus"}
@@ -78,7 +80,8 @@ def test_a_failed_fold_leaves_the_other_folds_distilling_and_resume_reruns_it(sl
     from hpc_jobs.checkpoint import read_manifest
 
     monkeypatch.setenv("SENSORIUM_FAIL_FOLDS", "1")
-    out = launch_json(home, "sensorium", "--cluster", "devcluster", "--run-name", "drill", "--set", "data.num_folds=3")
+    out = launch_json(home, "sensorium", "--cluster", "devcluster", "--run-name", "drill", "--set", "data.num_folds=3",
+                      "--set", "train.epochs=1")
     ids = job_ids(out)
     wait_run(home, "drill", timeout=1200)
     train_rows = [wait_final(f"{ids['train'][0]}_{k}") for k in range(3)]
@@ -103,4 +106,4 @@ def test_a_failed_fold_leaves_the_other_folds_distilling_and_resume_reruns_it(sl
     after = bests()
     assert len(after) == 6
     assert {k: after[k] for k in before} == before  # the folds that had finished were not trained again
-    assert states["ensemble"]["result"]["out_of_fold"]["ensemble"] > 0.1
+    assert states["ensemble"]["result"]["out_of_fold"]["ensemble"] > 0.05

@@ -1,7 +1,9 @@
 """vsc on the dev cluster: `python launch.py vsc --cluster devcluster --gpus 2` (tiny preset, the
 synthetic set) runs its seven batch stages as Slurm jobs chained by afterok dependencies, each
 training stage DeepSpeed ZeRO-2 over 2 ranks (gloo), each init handoff resizing the ViT's
-position embedding, and they all complete."""
+position embedding, and they all complete. Each stage trains one epoch: what is tested here is
+the chain on Slurm; that the same code learns (segment AP above the untrained chain's) is
+test_vsc_local's."""
 
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ def home():
 
 
 def test_vsc_chain_runs_as_dependent_slurm_jobs(slurm_cluster, home):
-    out = launch_json(home, "vsc", "--cluster", "devcluster", "--gpus", "2", "--run-name", "chain")
+    out = launch_json(home, "vsc", "--cluster", "devcluster", "--gpus", "2", "--run-name", "chain",
+                     "--set", "train.epochs=1")
     ids = job_ids(out)
     assert ids["download"] == [] and all(len(ids[s]) == 1 for s in BATCH), ids
     parents = {s["name"]: s["depends_on"] for s in out["stages"]}

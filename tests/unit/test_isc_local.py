@@ -1,6 +1,7 @@
 """`python launch.py isc --cluster local --gpus 1`: the whole chain on the synthetic set, on this
 machine; the same pipeline with training skipped (`--set train.epochs=0`) is the baseline the
-trained one must clearly beat. Both together take about 3.5 minutes on a shared 2-core machine."""
+trained one must clearly beat. The two run side by side, each in its own home (the trained chain is
+one rank with one torch thread: the baseline takes the other core)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline_helpers import cli, status_json, workflow_lines
+from tests.pipeline_helpers import cli, cli_side_by_side, status_json, workflow_lines
 
 STAGES = ("download", "train_v83", "train_v83_cont", "train_v86", "train_v98", "train_v107", "extract",
           "postprocess", "eval")
@@ -18,11 +19,12 @@ STAGES = ("download", "train_v83", "train_v83_cont", "train_v86", "train_v98", "
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    home = tmp_path_factory.mktemp("isc-local")
-    trained = cli(home, "isc", "--cluster", "local", "--gpus", "1", "--run-name", "trained", timeout=900)
-    untrained = cli(home, "isc", "--cluster", "local", "--gpus", "1", "--run-name", "untrained",
-                    "--set", "train.epochs=0", timeout=600)
-    return home, trained, untrained
+    home, base = tmp_path_factory.mktemp("isc-local"), tmp_path_factory.mktemp("isc-local-untrained")
+    trained, untrained = cli_side_by_side(
+        (home, ["isc", "--cluster", "local", "--gpus", "1", "--run-name", "trained"]),
+        (base, ["isc", "--cluster", "local", "--gpus", "1", "--run-name", "untrained", "--set", "train.epochs=0"]),
+        timeout=900)
+    return home, base, trained, untrained
 
 
 def _run_dir(home: Path, run: str) -> Path:
@@ -30,7 +32,7 @@ def _run_dir(home: Path, run: str) -> Path:
 
 
 def test_every_stage_completes_and_v83_cont_resumes_at_epoch_5(runs):
-    home, trained, _ = runs
+    home, _, trained, _ = runs
     lines = workflow_lines(trained.stdout)
     assert lines[0].startswith("[download] isc: no DISC21 data configured: using the SYNTHETIC set"), lines[:2]
     states = status_json(home, "trained")
@@ -47,8 +49,8 @@ def test_every_stage_completes_and_v83_cont_resumes_at_epoch_5(runs):
 
 
 def test_training_clearly_beats_the_untrained_chain(runs):
-    home, trained, untrained = runs
-    ok = status_json(home, "untrained")
+    home, base, trained, untrained = runs
+    ok = status_json(base, "untrained")
     assert {k: v["state"] for k, v in ok.items()} == {s: "COMPLETED" for s in STAGES}
     assert "train_v83: no training (epochs=0): handing on its starting weights" in untrained.stdout
     uap = status_json(home, "trained")["eval"]["result"]["uap"]
@@ -60,7 +62,7 @@ def test_training_clearly_beats_the_untrained_chain(runs):
 def test_outputs_have_the_seed_formats(runs):
     import h5py
 
-    home, trained, _ = runs
+    home, _, trained, _ = runs
     run_dir = _run_dir(home, "trained")
     with h5py.File(run_dir / "stages" / "extract" / "descriptors.h5") as f:
         assert {"query", "reference", "train", "query_ids", "reference_ids"} <= set(f)

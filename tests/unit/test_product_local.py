@@ -1,7 +1,8 @@
 """`python launch.py product --cluster local --gpus 1`: the whole chain on the synthetic set, on
 this machine (the data-prep arrays task by task, the login steps in their place); the same
 pipeline with training skipped (`--set train.epochs=0`) is the baseline the trained one must
-clearly beat. The cosine filter's report must show it removed most injected wrong images."""
+clearly beat (it runs beside the trained chain, in its own home). The cosine filter's report must
+show it removed most injected wrong images."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline_helpers import cli, status_json
+from tests.pipeline_helpers import cli, cli_side_by_side, status_json
 
-# two whole chains (18 processes each) take about 4 minutes on an idle 2-core machine; the limit
+# two whole chains (18 processes each), side by side, take about 3 minutes on an idle 2-core machine; the limit
 # leaves room for a machine shared with other test runs
 pytestmark = pytest.mark.timeout(1800)
 
@@ -22,11 +23,12 @@ STAGES = ("dataset", "get_pairs", "arcface_1", "arcface_2", "extract_features", 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    home = tmp_path_factory.mktemp("product-local")
-    trained = cli(home, "product", "--cluster", "local", "--gpus", "1", "--run-name", "trained", timeout=1500)
-    untrained = cli(home, "product", "--cluster", "local", "--gpus", "1", "--run-name", "untrained",
-                    "--set", "train.epochs=0", timeout=1200)
-    return home, trained, untrained
+    home, base = tmp_path_factory.mktemp("product-local"), tmp_path_factory.mktemp("product-local-untrained")
+    trained, untrained = cli_side_by_side(
+        (home, ["product", "--cluster", "local", "--gpus", "1", "--run-name", "trained"]),
+        (base, ["product", "--cluster", "local", "--gpus", "1", "--run-name", "untrained", "--set", "train.epochs=0"]),
+        timeout=1500)
+    return home, base, trained, untrained
 
 
 def _run_dir(home: Path, run: str) -> Path:
@@ -34,7 +36,7 @@ def _run_dir(home: Path, run: str) -> Path:
 
 
 def test_every_stage_and_task_completes_with_the_handoffs_logged(runs):
-    home, trained, _ = runs
+    home, _, trained, _ = runs
     assert "product: no data configured: using the SYNTHETIC set" in trained.stdout
     states = status_json(home, "trained")
     assert {k: v["state"] for k, v in states.items()} == {s: "COMPLETED" for s in STAGES}
@@ -57,12 +59,12 @@ def test_every_stage_and_task_completes_with_the_handoffs_logged(runs):
 
 
 def test_training_clearly_beats_the_untrained_chain_and_the_filter_works(runs):
-    home, trained, untrained = runs
-    states = status_json(home, "untrained")
+    home, base, trained, untrained = runs
+    states = status_json(base, "untrained")
     assert {k: v["state"] for k, v in states.items()} == {s: "COMPLETED" for s in STAGES}
     assert "arcface_1: no training (epochs=0): handing on its starting weights" in untrained.stdout
     metrics = json.loads((_run_dir(home, "trained") / "stages" / "eval" / "metrics.json").read_text())
-    baseline = json.loads((_run_dir(home, "untrained") / "stages" / "eval" / "metrics.json").read_text())
+    baseline = json.loads((_run_dir(base, "untrained") / "stages" / "eval" / "metrics.json").read_text())
     m, m0 = metrics["map_at_1000"], baseline["map_at_1000"]
     print(f"mAP@{metrics['k']} trained {m:.4f} vs epochs=0 {m0:.4f}; filter {json.dumps(metrics['filter'])}")
     assert metrics["k"] == metrics["gallery"] < 1000  # top-min(1000, gallery size)
