@@ -90,3 +90,25 @@ def exclusive_lock(path: os.PathLike, holder: str) -> Iterator[None]:
         if locked:
             os.ftruncate(fd, 0)  # a note in the file always names the current holder
         os.close(fd)  # closing releases the flock
+
+
+@contextlib.contextmanager
+def build_lock(target: os.PathLike) -> Iterator[None]:
+    """Build ``target`` (a directory) one process at a time: a blocking exclusive flock on
+    ``.NAME.lock`` beside it. Two launches that both need the same generated data set take turns,
+    and the second finds it complete instead of deleting what the first is writing. Where the file
+    system has no flock (some NFS mounts), it says so and builds without one."""
+    import fcntl
+    import logging
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target.parent / f".{target.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # ENOLCK: no lock manager here
+            logging.getLogger("hpc_jobs").warning("cannot lock %s (%s): building it without a lock", target, exc)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Literal, Optional
 
 from hpc_jobs import Input, Pipeline, Resources, Stage, Workflow, register
 from hpc_jobs.errors import UserError
+from hpc_jobs.fsutil import build_lock
 
 FRAME_METHODS = Literal["random", "spaced_fixed", "spaced_varied", "spaced_fixed_new", "spaced_varied_new"]
 
@@ -186,7 +187,8 @@ def download(ctx) -> Dict[str, Any]:
     if use_synthetic:
         print(f"diving: no MTL-AQA data configured: using the SYNTHETIC set in {root} "
               f"(set root_dir=... for the real data)", flush=True)
-        summary = synthetic.generate(root, preset=cfg.data.synthetic_preset, seed=cfg.seed)
+        with build_lock(root):  # another launch may be writing it now: wait, then reuse it
+            summary = synthetic.generate(root, preset=cfg.data.synthetic_preset, seed=cfg.seed)
         kind = "synthetic"
     else:
         summary = dl.download_dataset(root, videos=cfg.videos, checkpoint=cfg.data.checkpoint,

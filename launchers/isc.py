@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Literal, Optional
 
 from hpc_jobs import Input, Pipeline, Resources, Stage, Workflow, register
 from hpc_jobs.errors import UserError
+from hpc_jobs.fsutil import build_lock
 
 PAPER_ARCH = "tf_efficientnetv2_m.in21k_ft_in1k"  # the seed's tf_efficientnetv2_m_in21ft1k
 TRAIN_STAGES = ("train_v83", "train_v83_cont", "train_v86", "train_v98", "train_v107")
@@ -287,7 +288,8 @@ def download(ctx) -> Dict[str, Any]:
     if use_synthetic:
         print(f"isc: no DISC21 data configured: using the SYNTHETIC set in {root} "
               f"(set data.root=... for the real data)", flush=True)
-        summary = synthetic.generate(root, preset=cfg.data.synthetic_preset, seed=0)
+        with build_lock(root):  # another launch may be writing it now: wait, then reuse it
+            summary = synthetic.generate(root, preset=cfg.data.synthetic_preset, seed=0)
         kind = "synthetic"
     else:
         from data.isc import download as dl

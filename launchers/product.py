@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Literal, Optional
 from data.product import CATEGORIES
 from hpc_jobs import Input, Pipeline, Resources, Stage, Workflow, register
 from hpc_jobs.errors import UserError
+from hpc_jobs.fsutil import build_lock
 from hpc_jobs.spec import BestCheckpoint
 
 #: the seed's backbone: OpenCLIP ConvNeXt-XXLarge (laion2b_s34b_b82k_augreg_soup) as timm names it
@@ -273,7 +274,8 @@ def prepare_dataset(ctx) -> Dict[str, Any]:
         root = ctx.data_root / "product-synthetic" / d.synthetic_preset
         print(f"product: no data configured: using the SYNTHETIC set in {root} (set data.root=... for "
               "Product10K, the development set and the Amazon reviews)", flush=True)
-        summary = synthetic.generate(root, preset=d.synthetic_preset, seed=0, categories=len(d.categories))
+        with build_lock(root):  # another launch may be writing it now: wait, then reuse it
+            summary = synthetic.generate(root, preset=d.synthetic_preset, seed=0, categories=len(d.categories))
         paths = {"kind": "synthetic", "product10k": root / "Product10K", "dev_set": root / "development_test_data",
                  "reviews": root / "amazon" / "reviews", "images": root / "amazon" / "images_mean",
                  "truth": root / "amazon" / "filter_truth.json"}

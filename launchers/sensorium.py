@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Literal, Optional
 
 from hpc_jobs import Input, Pipeline, Resources, Stage, Workflow, register
 from hpc_jobs.errors import UserError
+from hpc_jobs.fsutil import build_lock
 
 UNLABELED_SPLITS = ("live_test_main", "live_test_bonus", "final_test_main", "final_test_bonus")
 PREDICT_SPLITS = ("out_of_fold",) + UNLABELED_SPLITS
@@ -231,7 +232,8 @@ def download(ctx) -> Dict[str, Any]:
     if cfg.data.synthetic == "yes" or (cfg.data.synthetic == "auto" and cfg.data.root is None):
         print(f"sensorium: no Sensorium data configured: using the SYNTHETIC set in {root} "
               f"(set data.root=... for the real data)", flush=True)
-        synthetic.generate(root, preset=cfg.data.synthetic_preset, seed=cfg.train.seed)
+        with build_lock(root):  # another launch may be writing it now: wait, then reuse it
+            synthetic.generate(root, preset=cfg.data.synthetic_preset, seed=cfg.train.seed)
         kind = "synthetic"
     else:
         dl.download_all(root, mice=cfg.data.mice or None, base_url=cfg.data.base_url, no_network=cfg.data.no_network,

@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Literal, Optional
 
 from hpc_jobs import Input, Pipeline, Resources, Stage, Workflow, register
 from hpc_jobs.errors import UserError
+from hpc_jobs.fsutil import build_lock
 
 PAPER_ARCH = "vit_base_r50_s16_224.orig_in21k"  # the seed's vit_base_r50_s16_224_in21k
 TRAIN_STAGES = ("train_v41", "train_v44", "train_v46", "train_v45")
@@ -277,7 +278,8 @@ def download(ctx) -> Dict[str, Any]:
 
         print(f"vsc: no VSC data configured: using the SYNTHETIC set in {root} "
               f"(set data.root=... for the real data)", flush=True)
-        summary = synthetic.generate(root, preset=cfg.data.synthetic_preset, seed=0)
+        with build_lock(root):  # another launch may be writing it now: wait, then reuse it
+            summary = synthetic.generate(root, preset=cfg.data.synthetic_preset, seed=0)
         kind = "synthetic"
     else:
         from data.isc import download as disc21_download

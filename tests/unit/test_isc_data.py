@@ -79,6 +79,36 @@ def test_a_half_written_set_is_written_again(micro, tmp_path):
     assert (root / "reference_images" / "R000001.jpg").exists()
 
 
+BUILD_AT_ONCE = """
+import json, pathlib, sys, time
+from data.isc import synthetic
+from hpc_jobs.fsutil import build_lock
+root, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.005)
+with build_lock(root):  # what each workflow's download stage does around its generator
+    print(json.dumps(synthetic.generate(root, preset="micro")["reused"]))
+"""
+
+
+def test_two_launches_building_one_set_at_once_take_turns(tmp_path):
+    """Two launches at once on one data root: without the lock both find the set missing and the
+    second deletes what the first is writing; with it, one writes and the other reuses."""
+    import subprocess
+    import sys
+
+    from tests.pipeline_helpers import REPO
+
+    root, go = tmp_path / "data" / "micro", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD_AT_ONCE, str(root), str(go)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    go.touch()
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert sorted(json.loads(out) for out, _ in outs) == [False, True], outs
+    assert synthetic.is_complete(root)
+
+
 def test_layout_check_and_bad_files(tmp_path, micro):
     root, _ = micro
     assert Disc21(root).check() == {}
