@@ -58,6 +58,22 @@ def cli_side_by_side(*calls: Tuple[Path, Sequence[str]], timeout: float = 600) -
     return done
 
 
+def trained_and_untrained(tmp_path_factory: Any, workflow: str, gpus: int, timeout: float,
+                          untrained_gpus: int = 0) -> Tuple[Path, Path, subprocess.CompletedProcess,
+                                                            subprocess.CompletedProcess]:
+    """``launch.py WORKFLOW --cluster local --gpus N`` as run ``trained`` and, beside it, the same
+    with ``--set train.epochs=0`` as run ``untrained`` (the baseline; ``untrained_gpus``: its
+    ranks, default N), each in a home of its own. Returns both homes and both processes."""
+    home = tmp_path_factory.mktemp(f"{workflow}-local")
+    base = tmp_path_factory.mktemp(f"{workflow}-local-untrained")
+    common = [workflow, "--cluster", "local", "--gpus"]
+    trained, untrained = cli_side_by_side(
+        (home, [*common, str(gpus), "--run-name", "trained"]),
+        (base, [*common, str(untrained_gpus or gpus), "--run-name", "untrained", "--set", "train.epochs=0"]),
+        timeout=timeout)
+    return home, base, trained, untrained
+
+
 def launch_json(home: Path, *args: str, **kw) -> Dict[str, Any]:
     proc = cli(home, *args, "--json", **kw)
     return json.loads(proc.stdout)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline_helpers import cli, cli_side_by_side, status_json, workflow_lines
+from tests.pipeline_helpers import cli, status_json, trained_and_untrained, workflow_lines
 
 STAGES = ("download", "train_v83", "train_v83_cont", "train_v86", "train_v98", "train_v107", "extract",
           "postprocess", "eval")
@@ -19,12 +19,7 @@ STAGES = ("download", "train_v83", "train_v83_cont", "train_v86", "train_v98", "
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    home, base = tmp_path_factory.mktemp("isc-local"), tmp_path_factory.mktemp("isc-local-untrained")
-    trained, untrained = cli_side_by_side(
-        (home, ["isc", "--cluster", "local", "--gpus", "1", "--run-name", "trained"]),
-        (base, ["isc", "--cluster", "local", "--gpus", "1", "--run-name", "untrained", "--set", "train.epochs=0"]),
-        timeout=900)
-    return home, base, trained, untrained
+    return trained_and_untrained(tmp_path_factory, "isc", gpus=1, timeout=900)
 
 
 def _run_dir(home: Path, run: str) -> Path:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline_helpers import cli, cli_side_by_side, status_json
+from tests.pipeline_helpers import cli, status_json, trained_and_untrained
 
 # two whole chains (18 processes each), side by side, take about 3 minutes on an idle 2-core machine; the limit
 # leaves room for a machine shared with other test runs
@@ -23,12 +23,7 @@ STAGES = ("dataset", "get_pairs", "arcface_1", "arcface_2", "extract_features", 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    home, base = tmp_path_factory.mktemp("product-local"), tmp_path_factory.mktemp("product-local-untrained")
-    trained, untrained = cli_side_by_side(
-        (home, ["product", "--cluster", "local", "--gpus", "1", "--run-name", "trained"]),
-        (base, ["product", "--cluster", "local", "--gpus", "1", "--run-name", "untrained", "--set", "train.epochs=0"]),
-        timeout=1500)
-    return home, base, trained, untrained
+    return trained_and_untrained(tmp_path_factory, "product", gpus=1, timeout=1500)
 
 
 def _run_dir(home: Path, run: str) -> Path:

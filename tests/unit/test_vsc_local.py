@@ -11,19 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline_helpers import cli, cli_side_by_side, status_json, workflow_lines
+from tests.pipeline_helpers import cli, status_json, trained_and_untrained, workflow_lines
 
 STAGES = ("download", "train_v41", "train_v44", "train_v46", "train_v45", "extract", "match", "eval")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    home, base = tmp_path_factory.mktemp("vsc-local"), tmp_path_factory.mktemp("vsc-local-untrained")
-    trained, untrained = cli_side_by_side(
-        (home, ["vsc", "--cluster", "local", "--gpus", "2", "--run-name", "trained"]),
-        (base, ["vsc", "--cluster", "local", "--gpus", "1", "--run-name", "untrained", "--set", "train.epochs=0"]),
-        timeout=900)
-    return home, base, trained, untrained
+    return trained_and_untrained(tmp_path_factory, "vsc", gpus=2, timeout=900, untrained_gpus=1)
 
 
 def _run_dir(home: Path, run: str) -> Path:
